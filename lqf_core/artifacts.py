@@ -1,0 +1,120 @@
+"""Save and load a TrainedModel: `model.safetensors` (tensors) + `model.json` (metadata).
+
+The JSON carries the backbone, class names, config, metrics, provenance, library
+versions and a SHA-256 content hash of the tensors file; loading checks the format
+version and the hash so that a truncated or edited artifact fails loudly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import safetensors
+import torch
+from safetensors.torch import load_file, save_file
+
+import lqf_core
+from lqf_core.config import Method, TrainConfig
+from lqf_core.errors import IncompatibleModelError, InvalidConfigError
+from lqf_core.model import TrainedModel
+
+FORMAT = "lqf-model"
+FORMAT_VERSION = 1
+TENSORS_FILE = "model.safetensors"
+METADATA_FILE = "model.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_model(model: TrainedModel, directory: str | Path) -> str:
+    """Write the artifact into `directory` (created) and return its content hash.
+
+    Both files are written to temporary names and renamed, so a crash never leaves a
+    half-written model behind under the final names.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.tensors.items()}
+    fd, tmp_tensors = tempfile.mkstemp(dir=directory, suffix=".safetensors.tmp")
+    os.close(fd)
+    save_file(tensors, tmp_tensors)
+    content_hash = _sha256(Path(tmp_tensors))
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "method": model.method.value,
+        "backbone": model.config.backbone,
+        "class_names": model.class_names,
+        "config": model.config.to_dict(),
+        "temperature": model.temperature,
+        "metrics": model.metrics,
+        "info": model.info,
+        "versions": {"lqf_core": lqf_core.__version__, "torch": torch.__version__,
+                     "safetensors": safetensors.__version__},
+        "content_hash": content_hash,
+    }
+    fd, tmp_meta = tempfile.mkstemp(dir=directory, suffix=".json.tmp")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(metadata, handle, indent=2, default=str)
+    os.replace(tmp_tensors, directory / TENSORS_FILE)
+    os.replace(tmp_meta, directory / METADATA_FILE)
+    return content_hash
+
+
+def read_metadata(directory: str | Path) -> dict:
+    """The artifact's JSON metadata, validated for format and version."""
+    path = Path(directory) / METADATA_FILE
+    try:
+        metadata = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise IncompatibleModelError(f"{path}: no such file; not a saved model") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise IncompatibleModelError(f"{path}: not valid JSON ({exc})") from None
+    if metadata.get("format") != FORMAT:
+        raise IncompatibleModelError(f"{path}: format {metadata.get('format')!r}, expected {FORMAT!r}")
+    version = metadata.get("format_version")
+    if version != FORMAT_VERSION:
+        raise IncompatibleModelError(
+            f"{path}: format version {version}, this lqf_core reads version {FORMAT_VERSION}"
+        )
+    return metadata
+
+
+def load_model(directory: str | Path) -> TrainedModel:
+    """Load an artifact written by `save_model`; raises IncompatibleModelError."""
+    directory = Path(directory)
+    metadata = read_metadata(directory)
+    tensors_path = directory / TENSORS_FILE
+    if not tensors_path.is_file():
+        raise IncompatibleModelError(f"{tensors_path}: no such file")
+    actual = _sha256(tensors_path)
+    if actual != metadata.get("content_hash"):
+        raise IncompatibleModelError(
+            f"{tensors_path}: content hash {actual[:12]} does not match the metadata's "
+            f"{str(metadata.get('content_hash'))[:12]}; the artifact is corrupt or was edited"
+        )
+    try:
+        config = TrainConfig.from_dict(metadata["config"])
+        method = Method(metadata["method"])
+        tensors = load_file(str(tensors_path))
+    except (KeyError, ValueError, InvalidConfigError) as exc:
+        raise IncompatibleModelError(f"{directory}: cannot read the saved model ({exc})") from None
+    return TrainedModel(
+        method=method,
+        config=config,
+        class_names=list(metadata["class_names"]),
+        tensors=tensors,
+        temperature=float(metadata.get("temperature", 1.0)),
+        metrics=dict(metadata.get("metrics", {})),
+        info=dict(metadata.get("info", {})),
+    )

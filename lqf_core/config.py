@@ -1,0 +1,145 @@
+"""Training configuration: one frozen dataclass for every method.
+
+Defaults are the ones `bench/transfer.py` supports (see docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from lqf_core.errors import InvalidConfigError
+
+
+class Method(str, Enum):
+    LQF = "lqf"
+    FINETUNE = "finetune"
+    LINEAR_PROBE = "linear_probe"
+
+
+class LQFLoss(str, Enum):
+    MSE = "mse"
+    CE = "ce"  # ablation only: cross-entropy on the linearized model
+
+
+class ProbeKind(str, Enum):
+    RIDGE = "ridge"
+    LOGISTIC = "logistic"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a training run. `from_dict` validates user input."""
+
+    method: Method = Method.LQF
+    backbone: str = "mobilenet_v2"
+    image_size: int = 64
+    seed: int = 0
+    # Fraction of the training items held out to fit the softmax temperature and report
+    # validation metrics. 0 trains on everything and skips calibration.
+    val_fraction: float = 0.2
+    batch_size: int = 64
+    device: str = "auto"
+
+    # LQF (DESIGN.md §1)
+    leaky_slope: float = 0.1  # 0 keeps the original ReLU (ablation)
+    suffix_blocks: int = 2  # last k feature blocks linearized, plus the head
+    kappa: float = 5.0  # targets are kappa * onehot
+    weight_decay: float = 1e-3  # lambda in lambda/2 ||delta_w||^2
+    probe_l2: float = 1e-2  # ridge penalty of the head initialisation (scaled, see probe)
+    loss: LQFLoss = LQFLoss.MSE
+    use_kfac: bool = True
+    max_iters: int = 100  # PCG iterations (or optimiser steps for the CE ablation)
+    tol: float = 1e-4  # stop when ||grad|| / ||grad at start|| <= tol
+    augment: bool = False  # random flips/crops; disables the frozen-prefix cache
+
+    # Non-linear fine-tuning baseline
+    lr: float = 1e-3
+    epochs: int = 30
+    train_blocks: int = 0  # 0 = whole network, k = last k feature blocks + head
+    patience: int = 5  # early stopping on the validation split
+
+    # Linear probe baseline
+    probe: ProbeKind = ProbeKind.RIDGE
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Build from user input (JSON / CLI), rejecting unknown keys and bad values."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise InvalidConfigError(
+                f"unknown hyperparameter(s) {unknown}; known: {sorted(known)}"
+            )
+        kwargs: dict[str, Any] = {}
+        for name, value in values.items():
+            kwargs[name] = _coerce(name, known[name].type, value)
+        config = cls(**kwargs)
+        config.validate()
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for key, value in out.items():
+            if isinstance(value, Enum):
+                out[key] = value.value
+        return out
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> None:
+        checks = [
+            ("image_size", 16 <= self.image_size <= 1024, "between 16 and 1024"),
+            ("val_fraction", 0.0 <= self.val_fraction < 0.9, "in [0, 0.9)"),
+            ("batch_size", 1 <= self.batch_size <= 4096, "between 1 and 4096"),
+            ("leaky_slope", 0.0 <= self.leaky_slope < 1.0, "in [0, 1)"),
+            ("suffix_blocks", 0 <= self.suffix_blocks <= 64, "between 0 and 64"),
+            ("kappa", self.kappa > 0, "positive"),
+            ("weight_decay", self.weight_decay > 0, "positive"),
+            ("probe_l2", self.probe_l2 > 0, "positive"),
+            ("max_iters", 1 <= self.max_iters <= 100_000, "between 1 and 100000"),
+            ("tol", 0 < self.tol < 1, "in (0, 1)"),
+            ("lr", 0 < self.lr < 10, "in (0, 10)"),
+            ("epochs", 1 <= self.epochs <= 10_000, "between 1 and 10000"),
+            ("train_blocks", 0 <= self.train_blocks <= 64, "between 0 and 64"),
+            ("patience", 1 <= self.patience <= 10_000, "between 1 and 10000"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise InvalidConfigError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise InvalidConfigError(f"device must be 'auto', 'cpu' or 'cuda[:n]', got {self.device!r}")
+
+
+_ENUMS: dict[str, type[Enum]] = {"Method": Method, "LQFLoss": LQFLoss, "ProbeKind": ProbeKind}
+
+
+def _coerce(name: str, type_name: Any, value: Any) -> Any:
+    type_name = type_name if isinstance(type_name, str) else getattr(type_name, "__name__", "")
+    if type_name in _ENUMS:
+        enum = _ENUMS[type_name]
+        try:
+            return enum(value)
+        except ValueError:
+            choices = [e.value for e in enum]  # type: ignore[attr-defined]
+            raise InvalidConfigError(f"{name} must be one of {choices}, got {value!r}") from None
+    if type_name == "bool":
+        if isinstance(value, bool):
+            return value
+        raise InvalidConfigError(f"{name} must be true or false, got {value!r}")
+    if type_name == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidConfigError(f"{name} must be an integer, got {value!r}")
+        return value
+    if type_name == "float":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidConfigError(f"{name} must be a number, got {value!r}")
+        return float(value)
+    if type_name == "str":
+        if not isinstance(value, str):
+            raise InvalidConfigError(f"{name} must be a string, got {value!r}")
+        return value
+    return value

@@ -1,0 +1,100 @@
+"""Image loading and preprocessing shared by training, prediction and the CLI."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from lqf_core.errors import InvalidDataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# Decompression-bomb guard: refuse images above this many pixels before decoding them.
+MAX_IMAGE_PIXELS = 50_000_000
+
+ImageSource = Image.Image | str | Path | bytes
+
+
+def open_image(source: ImageSource, name: str | None = None) -> Image.Image:
+    """Decode an image (PIL image, path or raw bytes) to RGB, or raise InvalidDataError."""
+    if isinstance(source, Image.Image):
+        return source.convert("RGB")
+    label = name or (str(source) if not isinstance(source, bytes) else "image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            handle = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
+            with handle, Image.open(handle) as img:
+                if img.width * img.height > MAX_IMAGE_PIXELS:
+                    raise InvalidDataError(
+                        f"{label}: {img.width}x{img.height} pixels exceeds the limit of "
+                        f"{MAX_IMAGE_PIXELS}"
+                    )
+                img.load()
+                return img.convert("RGB")
+    except InvalidDataError:
+        raise
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise InvalidDataError(f"{label}: refused as a decompression bomb ({exc})") from None
+    except FileNotFoundError:
+        raise InvalidDataError(f"{label}: no such file") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise InvalidDataError(f"{label}: not a readable image ({exc})") from None
+
+
+def scan_image_folder(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
+    """List an ImageFolder tree (one sub-folder per class) -> (paths, labels, class_names).
+
+    Raises InvalidDataError when the folder is missing, empty or has fewer than 2 classes.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise InvalidDataError(f"{root}: not a directory")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    paths: list[Path] = []
+    labels: list[int] = []
+    class_names: list[str] = []
+    for class_dir in class_dirs:
+        files = sorted(
+            p for p in class_dir.rglob("*")
+            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+        )
+        if not files:
+            continue
+        class_names.append(class_dir.name)
+        paths.extend(files)
+        labels.extend([len(class_names) - 1] * len(files))
+    if not paths:
+        raise InvalidDataError(f"{root}: no images found in class sub-folders")
+    if len(class_names) < 2:
+        raise InvalidDataError(
+            f"{root}: need at least 2 classes (sub-folders with images), found {len(class_names)}"
+        )
+    return paths, labels, class_names
+
+
+class Preprocess:
+    """PIL image -> normalised float tensor (3, size, size), as the backbone expects."""
+
+    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float]):
+        self.image_size = image_size
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        image = image.convert("RGB").resize(
+            (self.image_size, self.image_size), Image.Resampling.BILINEAR
+        )
+        data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+        x = data.view(self.image_size, self.image_size, 3).permute(2, 0, 1).float() / 255.0
+        return (x - self.mean) / self.std
+
+    def batch(self, images: Sequence[ImageSource]) -> torch.Tensor:
+        """Decode and stack images into (n, 3, size, size)."""
+        if len(images) == 0:
+            return torch.empty(0, 3, self.image_size, self.image_size)
+        return torch.stack([self(open_image(img)) for img in images])

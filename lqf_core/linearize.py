@@ -1,0 +1,119 @@
+"""The network linearized around its pre-trained weights w0 (LQF paper, eq. 2).
+
+    f_lin(z; w0 + dw) = f(z; w0) + J(z) dw,     J(z) = d f(z; w) / d w  at w0
+
+`net` is the suffix of the backbone plus the head; `z` is the cached output of the
+frozen prefix. Only the parameters in `param_names` move; everything else (BatchNorm
+affine and running statistics, in eval mode) stays at w0 in primal and tangent alike.
+Parameter vectors are flat tensors laid out by `ParamSpace` so that the solvers can
+work with plain vectors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call, jvp, vjp
+
+
+class ParamSpace:
+    """Flat-vector layout of a set of named parameters (dict <-> 1-D tensor)."""
+
+    def __init__(self, params: dict[str, torch.Tensor]):
+        self.names = list(params)
+        self.shapes = [params[n].shape for n in self.names]
+        self.numels = [params[n].numel() for n in self.names]
+        self.size = sum(self.numels)
+
+    def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([tensors[n].reshape(-1) for n in self.names])
+
+    def unflatten(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
+        chunks = torch.split(vector, self.numels)
+        return {n: c.view(s) for n, c, s in zip(self.names, chunks, self.shapes, strict=True)}
+
+
+def linearizable_parameters(net: nn.Module) -> list[str]:
+    """Names of the weights LQF moves: every Conv2d / Linear weight and bias.
+
+    BatchNorm affine parameters stay at w0: with running statistics they only rescale
+    the following convolution, which is already free to move.
+    """
+    names = []
+    for module_name, module in net.named_modules():
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            prefix = f"{module_name}." if module_name else ""
+            names.append(prefix + "weight")
+            if module.bias is not None:
+                names.append(prefix + "bias")
+    return names
+
+
+class LinearizedNet:
+    """f_lin over a fixed network. Shapes: z (n, ...) -> outputs (n, C); vectors (P,)."""
+
+    def __init__(self, net: nn.Module, param_names: Sequence[str] | None = None):
+        net.eval()  # BatchNorm with running statistics in primal and tangent
+        self.net = net
+        names = list(param_names) if param_names is not None else linearizable_parameters(net)
+        all_params = dict(net.named_parameters())
+        missing = [n for n in names if n not in all_params]
+        if missing:
+            raise ValueError(f"parameters not in the network: {missing}")
+        self.params0 = {n: all_params[n].detach() for n in names}
+        self.frozen = {n: p.detach() for n, p in all_params.items() if n not in self.params0}
+        self.frozen.update({n: b.detach() for n, b in net.named_buffers()})
+        self.space = ParamSpace(self.params0)
+
+    @property
+    def num_params(self) -> int:
+        return self.space.size
+
+    def _call(self, params: dict[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.net, {**self.frozen, **params}, (z,))
+
+    def output0(self, z: torch.Tensor) -> torch.Tensor:
+        """f(z; w0), (n, C)."""
+        with torch.no_grad():
+            return self._call(self.params0, z)
+
+    def jvp(self, z: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(f(z; w0), J(z) v): both (n, C), one forward-mode pass."""
+        tangent = self.space.unflatten(v)
+        return jvp(lambda p: self._call(p, z), (self.params0,), (tangent,))
+
+    def forward(self, z: torch.Tensor, delta_w: torch.Tensor) -> torch.Tensor:
+        """f_lin(z; w0 + delta_w), (n, C)."""
+        with torch.no_grad():
+            out0, jv = self.jvp(z, delta_w)
+        return out0 + jv
+
+    def vjp(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """J(z)^T u for u (n, C) -> (P,)."""
+        _, pullback = vjp(lambda p: self._call(p, z), self.params0)
+        (grads,) = pullback(u)
+        return self.space.flatten(grads)
+
+    def ggn_matvec(self, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """J(z)^T J(z) v (summed over the batch), (P,)."""
+        with torch.no_grad():
+            _, jv = self.jvp(z, v)
+        return self.vjp(z, jv)
+
+    def jacobian(self, z: torch.Tensor) -> torch.Tensor:
+        """Dense J(z), (n * C, P). For tests and tiny models only."""
+        rows = []
+        out0 = self.output0(z)
+        for i in range(out0.shape[0]):
+            for c in range(out0.shape[1]):
+                u = torch.zeros_like(out0)
+                u[i, c] = 1
+                rows.append(self.vjp(z, u))
+        return torch.stack(rows)
+
+
+def batches(n: int, batch_size: int) -> Iterator[slice]:
+    for start in range(0, n, batch_size):
+        yield slice(start, min(start + batch_size, n))

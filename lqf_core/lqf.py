@@ -1,0 +1,129 @@
+"""LQF training on cached prefix outputs: the quadratic problem and its solvers.
+
+    L(dw) = 1/(2N) sum_i ||f_lin(z_i; w0 + dw) - kappa onehot(y_i)||^2 + lambda/2 ||dw||^2
+    grad L(dw) = H dw - b,   H = J^T J / N + lambda I,   b = J^T (Y - f(w0)) / N
+
+The optimum solves H dw = b; PCG with K-FAC reaches it to a stated tolerance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lqf_core.errors import TrainingCancelled
+from lqf_core.kfac import KFACPreconditioner, compute_kfac_factors
+from lqf_core.linearize import LinearizedNet, batches
+from lqf_core.solve import SolveResult, conjugate_gradient
+
+StepCallback = Callable[[int, float], None]
+
+
+@dataclass
+class QuadraticProblem:
+    """The LQF objective over N cached inputs. z (N, ...), targets (N, C)."""
+
+    lin: LinearizedNet
+    z: torch.Tensor
+    targets: torch.Tensor
+    weight_decay: float
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        self.n = self.z.shape[0]
+        self.output0 = torch.cat(
+            [self.lin.output0(self.z[sl]) for sl in batches(self.n, self.batch_size)]
+        )
+
+    def hessian_matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """H v = J^T J v / N + lambda v."""
+        total = torch.zeros_like(v)
+        for sl in batches(self.n, self.batch_size):
+            total += self.lin.ggn_matvec(self.z[sl], v)
+        return total / self.n + self.weight_decay * v
+
+    def rhs(self) -> torch.Tensor:
+        """b = J^T (Y - f(w0)) / N: minus the gradient at dw = 0."""
+        total = torch.zeros(self.lin.num_params, dtype=self.z.dtype, device=self.z.device)
+        residual = self.targets - self.output0
+        for sl in batches(self.n, self.batch_size):
+            total += self.lin.vjp(self.z[sl], residual[sl])
+        return total / self.n
+
+    def outputs(self, delta_w: torch.Tensor) -> torch.Tensor:
+        """f_lin on every cached input, (N, C)."""
+        return torch.cat(
+            [self.lin.forward(self.z[sl], delta_w) for sl in batches(self.n, self.batch_size)]
+        )
+
+    def loss(self, delta_w: torch.Tensor) -> float:
+        residual = self.outputs(delta_w) - self.targets
+        return float(0.5 * (residual**2).sum() / self.n + 0.5 * self.weight_decay * delta_w @ delta_w)
+
+
+def kfac_preconditioner(
+    problem: QuadraticProblem, on_batch: Callable[[int, int], None] | None = None
+) -> KFACPreconditioner:
+    factors = compute_kfac_factors(
+        problem.lin, problem.z, batch_size=problem.batch_size, on_batch=on_batch
+    )
+    return KFACPreconditioner(problem.lin, factors, damping=problem.weight_decay)
+
+
+def solve_quadratic(
+    problem: QuadraticProblem,
+    preconditioner: KFACPreconditioner | None,
+    tol: float,
+    max_iters: int,
+    x0: torch.Tensor | None = None,
+    callback: StepCallback | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> SolveResult:
+    """The optimum dw* of the LQF objective by (K-FAC-preconditioned) CG."""
+    return conjugate_gradient(
+        problem.hessian_matvec,
+        problem.rhs(),
+        x0=x0,
+        preconditioner=preconditioner,
+        tol=tol,
+        max_iters=max_iters,
+        callback=callback,
+        should_stop=should_stop,
+    )
+
+
+def fit_cross_entropy(
+    problem: QuadraticProblem,
+    labels: torch.Tensor,
+    preconditioner: KFACPreconditioner | None,
+    steps: int,
+    callback: StepCallback | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> torch.Tensor:
+    """Ablation: cross-entropy instead of MSE on the same linearized model.
+
+    Not a quadratic, so no closed form: `steps` full-batch gradient steps, preconditioned
+    by the same K-FAC of J^T J / N + lambda I (an upper bound on the cross-entropy
+    Gauss-Newton matrix, so unit steps are safe).
+    """
+    delta_w = torch.zeros(problem.lin.num_params, dtype=problem.z.dtype, device=problem.z.device)
+    for step in range(1, steps + 1):
+        if should_stop is not None and should_stop():
+            raise TrainingCancelled("cancelled during the cross-entropy fit")
+        grad = problem.weight_decay * delta_w
+        loss = 0.0
+        for sl in batches(problem.n, problem.batch_size):
+            z = problem.z[sl]
+            logits = problem.lin.forward(z, delta_w)
+            probs = F.softmax(logits, dim=1)
+            onehot = F.one_hot(labels[sl], logits.shape[1]).to(logits.dtype)
+            grad += problem.lin.vjp(z, probs - onehot) / problem.n
+            loss += float(F.cross_entropy(logits, labels[sl], reduction="sum")) / problem.n
+        direction = preconditioner(grad) if preconditioner is not None else grad
+        delta_w = delta_w - direction
+        if callback is not None:
+            callback(step, loss)
+    return delta_w

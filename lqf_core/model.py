@@ -1,0 +1,36 @@
+"""The trained-model record every method returns and every artifact holds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lqf_core.config import Method, TrainConfig
+
+
+@dataclass
+class TrainedModel:
+    """What a training run learned, independent of how it is stored or served.
+
+    tensors: the learned state (float32, CPU); its keys depend on the method:
+      lqf          -- "head.weight", "head.bias" (ridge initialisation, part of w0) and
+                      "delta.<param name>" for every linearized parameter (delta_w)
+      linear_probe -- "head.weight", "head.bias"
+      finetune     -- "net.<name>" for every parameter/buffer of backbone blocks + head
+    temperature: softmax temperature fitted on the validation split (1.0 if none).
+    info: free-form provenance (dataset id, parent model, forgotten item ids, ...).
+    """
+
+    method: Method
+    config: TrainConfig
+    class_names: list[str]
+    tensors: dict[str, torch.Tensor]
+    temperature: float = 1.0
+    metrics: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)

@@ -1,0 +1,66 @@
+"""The narrow serving interface the app uses: load once, predict many.
+
+`Predictor.preprocess` is cheap and thread-safe; `predict_batch` is the heavy part and
+is serialised by a lock, so callers batch requests and run it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lqf_core.artifacts import load_model, read_metadata
+from lqf_core.backbones import Backbone, load_backbone
+from lqf_core.classifier import build_classifier
+from lqf_core.data import ImageSource, open_image
+from lqf_core.model import TrainedModel
+from lqf_core.train import resolve_device
+
+
+class Predictor:
+    """A trained model ready to predict. `model_version` is the artifact's content hash."""
+
+    def __init__(self, model: TrainedModel, device: str = "auto",
+                 weights_dir: str | Path | None = None, model_version: str = "",
+                 backbone: Backbone | None = None):
+        self.model = model
+        self.device = resolve_device(device)
+        self.backbone = backbone or load_backbone(model.config.backbone, weights_dir)
+        self.classifier = build_classifier(model, self.backbone, self.device)
+        self._preprocess = self.backbone.preprocess(model.config.image_size)
+        self.model_version = model_version
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str = "auto",
+             weights_dir: str | Path | None = None) -> Predictor:
+        version = read_metadata(directory)["content_hash"]
+        return cls(load_model(directory), device, weights_dir, model_version=version)
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.model.class_names
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """RGB PIL image -> (3, s, s) input tensor."""
+        return self._preprocess(image)
+
+    def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, 3, s, s) -> temperature-scaled logits (n, C) on the CPU."""
+        with self._lock, torch.no_grad():
+            logits = self.classifier.logits(x.to(self.device))
+        return logits.cpu() / self.model.temperature
+
+    def predict_batch(self, x: torch.Tensor) -> np.ndarray:
+        """(n, 3, s, s) -> class probabilities (n, C)."""
+        return torch.softmax(self.predict_logits(x).double(), dim=1).numpy()
+
+    def predict_proba(self, images: Sequence[ImageSource]) -> np.ndarray:
+        """Images (PIL / path / bytes) -> class probabilities (n, C)."""
+        x = torch.stack([self.preprocess(open_image(img)) for img in images])
+        return self.predict_batch(x)
