@@ -11,11 +11,11 @@ work with plain vectors.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call, jvp, vjp
+from torch.func import functional_call, jvp, linearize, vjp
 
 
 class ParamSpace:
@@ -101,6 +101,25 @@ class LinearizedNet:
         with torch.no_grad():
             _, jv = self.jvp(z, v)
         return self.vjp(z, jv)
+
+    def linear_maps(self, z: torch.Tensor) -> tuple[
+        torch.Tensor, Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]
+    ]:
+        """(f(z; w0), v -> J v, u -> J^T u) with the primal pass done once, for reuse."""
+        def call(p: dict[str, torch.Tensor]) -> torch.Tensor:
+            return self._call(p, z)
+
+        out0, jvp_fn = linearize(call, self.params0)
+        _, vjp_fn = vjp(call, self.params0)
+        space = self.space
+
+        def forward_map(v: torch.Tensor) -> torch.Tensor:
+            return jvp_fn(space.unflatten(v))
+
+        def backward_map(u: torch.Tensor) -> torch.Tensor:
+            return space.flatten(vjp_fn(u)[0])
+
+        return out0.detach(), forward_map, backward_map
 
     def jacobian(self, z: torch.Tensor) -> torch.Tensor:
         """Dense J(z), (n * C, P). For tests and tiny models only."""

@@ -32,25 +32,39 @@ class QuadraticProblem:
     weight_decay: float
     batch_size: int = 256
 
+    cache: bool = True
+
     def __post_init__(self) -> None:
         self.n = self.z.shape[0]
-        self.output0 = torch.cat(
-            [self.lin.output0(self.z[sl]) for sl in batches(self.n, self.batch_size)]
-        )
+        self.slices = list(batches(self.n, self.batch_size))
+        # H is constant, so each batch's forward and backward linear maps can be built
+        # once and replayed by every solver iteration (memory: the suffix activations).
+        self._maps = [self.lin.linear_maps(self.z[sl]) for sl in self.slices] if self.cache else None
+        if self._maps is not None:
+            self.output0 = torch.cat([out for out, _, _ in self._maps])
+        else:
+            self.output0 = torch.cat([self.lin.output0(self.z[sl]) for sl in self.slices])
 
     def hessian_matvec(self, v: torch.Tensor) -> torch.Tensor:
         """H v = J^T J v / N + lambda v."""
         total = torch.zeros_like(v)
-        for sl in batches(self.n, self.batch_size):
-            total += self.lin.ggn_matvec(self.z[sl], v)
+        if self._maps is not None:
+            for _, jvp_map, vjp_map in self._maps:
+                total += vjp_map(jvp_map(v))
+        else:
+            for sl in self.slices:
+                total += self.lin.ggn_matvec(self.z[sl], v)
         return total / self.n + self.weight_decay * v
 
     def rhs(self) -> torch.Tensor:
         """b = J^T (Y - f(w0)) / N: minus the gradient at dw = 0."""
         total = torch.zeros(self.lin.num_params, dtype=self.z.dtype, device=self.z.device)
         residual = self.targets - self.output0
-        for sl in batches(self.n, self.batch_size):
-            total += self.lin.vjp(self.z[sl], residual[sl])
+        for index, sl in enumerate(self.slices):
+            if self._maps is not None:
+                total += self._maps[index][2](residual[sl])
+            else:
+                total += self.lin.vjp(self.z[sl], residual[sl])
         return total / self.n
 
     def outputs(self, delta_w: torch.Tensor) -> torch.Tensor:

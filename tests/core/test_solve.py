@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lqf_core.errors import TrainingCancelled
+from lqf_core.linearize import LinearizedNet
+from lqf_core.lqf import QuadraticProblem, kfac_preconditioner, solve_quadratic
+from lqf_core.solve import conjugate_gradient
+from tests.core.factories import tiny_inputs, tiny_suffix_net, tiny_targets
+
+
+def dense_problem(problem: QuadraticProblem) -> tuple[torch.Tensor, torch.Tensor]:
+    jac = problem.lin.jacobian(problem.z)
+    n = problem.n
+    hessian = jac.T @ jac / n + problem.weight_decay * torch.eye(jac.shape[1], dtype=jac.dtype)
+    rhs = jac.T @ (problem.targets - problem.output0).reshape(-1) / n
+    return hessian, rhs
+
+
+@pytest.fixture(params=[True, False], ids=["cached", "uncached"])
+def problem(request: pytest.FixtureRequest) -> QuadraticProblem:
+    lin = LinearizedNet(tiny_suffix_net())
+    return QuadraticProblem(lin, tiny_inputs(), tiny_targets(), weight_decay=1e-2, batch_size=4,
+                            cache=request.param)
+
+
+def test_cg_matches_direct_solve_on_random_spd():
+    generator = torch.Generator().manual_seed(0)
+    m = torch.randn(30, 30, generator=generator, dtype=torch.float64)
+    a = m @ m.T + 0.5 * torch.eye(30, dtype=torch.float64)
+    b = torch.randn(30, generator=generator, dtype=torch.float64)
+    result = conjugate_gradient(lambda v: a @ v, b, tol=1e-12, max_iters=200)
+    expected = torch.linalg.solve(a, b)
+    assert result.converged
+    assert float((result.x - expected).norm() / expected.norm()) <= 1e-9
+
+
+def test_hessian_matvec_and_rhs_equal_dense(problem: QuadraticProblem):
+    hessian, rhs = dense_problem(problem)
+    v = torch.randn(problem.lin.num_params, dtype=torch.float64)
+    torch.testing.assert_close(problem.hessian_matvec(v), hessian @ v)
+    torch.testing.assert_close(problem.rhs(), rhs)
+
+
+@pytest.mark.parametrize("use_kfac", [True, False])
+def test_solver_optimum_equals_direct_solve_of_normal_equations(problem, use_kfac):
+    hessian, rhs = dense_problem(problem)
+    expected = torch.linalg.solve(hessian, rhs)
+    precond = kfac_preconditioner(problem) if use_kfac else None
+    result = solve_quadratic(problem, precond, tol=1e-10, max_iters=500)
+    assert result.converged, result.history[-5:]
+    assert result.relative_residual <= 1e-10 * 1.5
+    assert float((result.x - expected).norm() / expected.norm()) <= 1e-5
+
+
+def test_loss_is_exactly_quadratic_in_delta_w(problem: QuadraticProblem):
+    hessian, rhs = dense_problem(problem)
+    generator = torch.Generator().manual_seed(5)
+    loss0 = problem.loss(torch.zeros(problem.lin.num_params, dtype=torch.float64))
+    for _ in range(3):
+        dw = torch.randn(problem.lin.num_params, generator=generator, dtype=torch.float64)
+        expected = loss0 - float(rhs @ dw) + 0.5 * float(dw @ hessian @ dw)
+        assert problem.loss(dw) == pytest.approx(expected, rel=1e-10)
+
+
+def test_solver_reports_cancellation(problem: QuadraticProblem):
+    with pytest.raises(TrainingCancelled):
+        solve_quadratic(problem, None, tol=1e-12, max_iters=50, should_stop=lambda: True)
