@@ -42,7 +42,7 @@ def lqf_network(backbone: Backbone, suffix_blocks: int, leaky_slope: float,
     prefix, suffix = backbone.split(suffix_blocks)
     suffix = copy.deepcopy(suffix)
     swap_to_leaky(suffix, leaky_slope)
-    head = nn.Linear(head_weight.shape[1], head_weight.shape[0])
+    head = nn.Linear(head_weight.shape[1], head_weight.shape[0], dtype=head_weight.dtype)
     with torch.no_grad():
         head.weight.copy_(head_weight)
         head.bias.copy_(head_bias)

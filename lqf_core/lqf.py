@@ -8,15 +8,20 @@ The optimum solves H dw = b; PCG with K-FAC reaches it to a stated tolerance.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from lqf_core.backbones import Backbone
+from lqf_core.classifier import lqf_network
+from lqf_core.config import TrainConfig
 from lqf_core.errors import TrainingCancelled
 from lqf_core.kfac import KFACPreconditioner, compute_kfac_factors
 from lqf_core.linearize import LinearizedNet, batches
+from lqf_core.model import TrainedModel
+from lqf_core.probe import fit_ridge
 from lqf_core.solve import SolveResult, conjugate_gradient
 
 StepCallback = Callable[[int, float], None]
@@ -76,6 +81,69 @@ class QuadraticProblem:
     def loss(self, delta_w: torch.Tensor) -> float:
         residual = self.outputs(delta_w) - self.targets
         return float(0.5 * (residual**2).sum() / self.n + 0.5 * self.weight_decay * delta_w @ delta_w)
+
+
+# Frozen-prefix outputs by training item id: they depend on the image only, so they can be
+# reused by every later job on the same backbone, image size and suffix (e.g. unlearning).
+PrefixCache = MutableMapping[str, torch.Tensor]
+
+
+@dataclass
+class LQFSetup:
+    """The linearization point w0 (backbone + ridge head) and the quadratic around it."""
+
+    lin: LinearizedNet
+    problem: QuadraticProblem
+    head_weight: torch.Tensor
+    head_bias: torch.Tensor
+
+    def tensors(self, delta_w: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The learned state as TrainedModel tensors (see model.py)."""
+        out = {"head.weight": self.head_weight.cpu(), "head.bias": self.head_bias.cpu()}
+        for name, value in self.lin.space.unflatten(delta_w).items():
+            out[f"delta.{name}"] = value.detach().cpu()
+        return out
+
+    def warm_start_from(self, parent: TrainedModel) -> torch.Tensor:
+        """A starting dw that reproduces the parent's weights w0' + dw' as closely as the
+        new linearization point allows: same suffix deltas, same total head."""
+        names = self.lin.space.names
+        start = {n: parent.tensors[f"delta.{n}"].to(self.head_weight) for n in names}
+        head = [n for n in names if n.startswith(HEAD_PREFIX)]
+        for name in head:
+            field = name.removeprefix(HEAD_PREFIX)
+            start[name] = start[name] + parent.tensors[f"head.{field}"].to(start[name]) - (
+                self.head_weight if field == "weight" else self.head_bias
+            )
+        return self.lin.space.flatten(start)
+
+
+# The head is the last module of the (suffix, head) network: parameter names "1.weight/bias".
+HEAD_PREFIX = "1."
+
+
+def build_lqf_problem(backbone: Backbone, z: torch.Tensor, y: torch.Tensor, num_classes: int,
+                      config: TrainConfig, device: torch.device) -> LQFSetup:
+    """Everything that depends on the training data: the ridge head (part of w0), the
+    network linearized at w0 and the quadratic. A pure function of (z, y, config)."""
+    dim = backbone.feature_dim
+    zeros = (torch.zeros(num_classes, dim), torch.zeros(num_classes))
+    _, net0 = lqf_network(backbone, config.suffix_blocks, config.leaky_slope, *zeros)
+    suffix = net0[0].to(device=device, dtype=z.dtype)
+    with torch.no_grad():
+        phi = torch.cat([suffix(z[sl]) for sl in batches(len(z), 256)])
+    targets = config.kappa * F.one_hot(y, num_classes).to(z.dtype).to(device)
+    head_weight, head_bias = fit_ridge(phi, targets, config.probe_l2)
+    _, net = lqf_network(backbone, config.suffix_blocks, config.leaky_slope,
+                         head_weight, head_bias)
+    net.to(device=device, dtype=z.dtype)
+    lin = LinearizedNet(net)
+    problem = QuadraticProblem(lin, z, targets, config.weight_decay, batch_size=SOLVER_BATCH)
+    return LQFSetup(lin, problem, head_weight.to(device), head_bias.to(device))
+
+
+# Inputs per linearized pass in the solver: large batches amortise per-call overhead.
+SOLVER_BATCH = 256
 
 
 def kfac_preconditioner(

@@ -29,10 +29,10 @@ def fit_ridge(
     n, d = phi_c.shape
     alpha = l2 * float((phi_c**2).sum()) / d + 1e-12
     if n >= d:
-        gram = phi_c.T @ phi_c + alpha * torch.eye(d, dtype=phi.dtype)
+        gram = phi_c.T @ phi_c + alpha * torch.eye(d, dtype=phi.dtype, device=phi.device)
         weight_t = torch.linalg.solve(gram, phi_c.T @ y_c)
     else:
-        gram = phi_c @ phi_c.T + alpha * torch.eye(n, dtype=phi.dtype)
+        gram = phi_c @ phi_c.T + alpha * torch.eye(n, dtype=phi.dtype, device=phi.device)
         weight_t = phi_c.T @ torch.linalg.solve(gram, y_c)
     weight = weight_t.T
     bias = mean_y - weight @ mean_phi

@@ -6,6 +6,7 @@ fits the softmax temperature on the validation set and returns a TrainedModel.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,12 +24,18 @@ from lqf_core.calibration import (
     fit_temperature,
     negative_log_likelihood,
 )
-from lqf_core.classifier import build_classifier, lqf_network
+from lqf_core.classifier import build_classifier
 from lqf_core.config import LQFLoss, Method, ProbeKind, TrainConfig
 from lqf_core.data import ImageSource
-from lqf_core.errors import InvalidDataError, TrainingCancelled
-from lqf_core.linearize import LinearizedNet, batches
-from lqf_core.lqf import QuadraticProblem, fit_cross_entropy, kfac_preconditioner, solve_quadratic
+from lqf_core.errors import InvalidConfigError, InvalidDataError, TrainingCancelled
+from lqf_core.linearize import batches
+from lqf_core.lqf import (
+    PrefixCache,
+    build_lqf_problem,
+    fit_cross_entropy,
+    kfac_preconditioner,
+    solve_quadratic,
+)
 from lqf_core.model import TrainedModel
 from lqf_core.probe import fit_logistic, fit_ridge
 
@@ -44,9 +51,6 @@ class Progress:
 
 
 ProgressCallback = Callable[[Progress], None]
-
-# Inputs per linearized pass in the solver: large batches amortise per-call overhead.
-SOLVER_BATCH = 256
 
 
 class _Reporter:
@@ -95,18 +99,24 @@ def validate_labels(num_images: int, labels: Sequence[int], class_names: Sequenc
         raise InvalidDataError(f"classes without any image: {empty}")
 
 
-def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train indices, validation indices): about `fraction` of each class held out,
-    never a class's last training item."""
-    generator = torch.Generator().manual_seed(seed)
+def split_by_item(labels: Sequence[int], item_ids: Sequence[str], fraction: float,
+                  seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train indices, validation indices): about `fraction` of each class held out.
+
+    Membership depends only on each item's id, the seed and its class size -- not on
+    the order or on the other items -- so a job on a dataset with items removed holds
+    out the same items (what exact unlearning needs). A class never loses its last
+    training item.
+    """
+    labels_t = torch.as_tensor(list(labels))
     train, val = [], []
-    for c in labels.unique():
-        idx = (labels == c).nonzero().flatten()
-        idx = idx[torch.randperm(len(idx), generator=generator)]
+    for c in labels_t.unique().tolist():
+        idx = (labels_t == c).nonzero().flatten().tolist()
+        idx.sort(key=lambda i: hashlib.sha256(f"{seed}:{item_ids[i]}".encode()).hexdigest())
         k = min(int(round(fraction * len(idx))), len(idx) - 1)
-        val.append(idx[:k])
-        train.append(idx[k:])
-    return torch.cat(train).sort().values, torch.cat(val).sort().values
+        val.extend(idx[:k])
+        train.extend(idx[k:])
+    return torch.tensor(sorted(train), dtype=torch.long), torch.tensor(sorted(val), dtype=torch.long)
 
 
 def _features(module: torch.nn.Module, x: torch.Tensor, device: torch.device, batch_size: int,
@@ -138,31 +148,32 @@ def _train_linear_probe(backbone: Backbone, x: torch.Tensor, y: torch.Tensor, nu
     return {"head.weight": w, "head.bias": b}
 
 
-def _train_lqf(backbone: Backbone, x: torch.Tensor, y: torch.Tensor, num_classes: int,
-               config: TrainConfig, device: torch.device, report: _Reporter) -> tuple[dict, dict]:
-    prefix, suffix = backbone.split(config.suffix_blocks)
-    prefix = prefix.to(device)
-    # Cache the frozen prefix once: every solver iteration reuses it.
-    z = _features(prefix, x, device, config.batch_size, report, "features")
-    dim = backbone.feature_dim
-    # Head initialisation: ridge probe on the (leaky) suffix features at w0.
-    _, net0 = lqf_network(backbone, config.suffix_blocks, config.leaky_slope,
-                          torch.zeros(num_classes, dim), torch.zeros(num_classes))
-    suffix_only = net0[0].to(device)
-    phi = torch.cat([suffix_only(z[sl]) for sl in batches(len(z), 256)]).detach()
-    w0, b0 = _fit_head(phi, y, num_classes, config)
-    _, net = lqf_network(backbone, config.suffix_blocks, config.leaky_slope, w0, b0)
-    net.to(device)
-    lin = LinearizedNet(net)
-    targets = config.kappa * F.one_hot(y, num_classes).to(z.dtype).to(device)
-    problem = QuadraticProblem(lin, z, targets, config.weight_decay, batch_size=SOLVER_BATCH)
+def _prefix_outputs(prefix: torch.nn.Module, x: torch.Tensor, ids: Sequence[str],
+                    cache: PrefixCache | None, device: torch.device, batch_size: int,
+                    report: _Reporter) -> torch.Tensor:
+    """Frozen-prefix outputs z, computed once (and reused across jobs through `cache`)."""
+    if cache is None:
+        return _features(prefix, x, device, batch_size, report, "features")
+    missing = [i for i, item in enumerate(ids) if item not in cache]
+    if missing:
+        fresh = _features(prefix, x[missing], device, batch_size, report, "features")
+        cache.update({ids[i]: row.cpu() for i, row in zip(missing, fresh, strict=True)})
+    return torch.stack([cache[item] for item in ids]).to(device)
+
+
+def _train_lqf(backbone: Backbone, z: torch.Tensor, y: torch.Tensor, num_classes: int,
+               config: TrainConfig, device: torch.device, report: _Reporter,
+               warm_start: TrainedModel | None) -> tuple[dict, dict]:
+    setup = build_lqf_problem(backbone, z, y, num_classes, config, device)
+    problem = setup.problem
     precond = None
     if config.use_kfac:
         precond = kfac_preconditioner(problem, on_batch=lambda i, n: report("kfac", i, n))
-    info: dict = {"num_linearized_params": lin.num_params}
+    info: dict = {"num_linearized_params": setup.lin.num_params}
     if config.loss == LQFLoss.MSE:
+        x0 = setup.warm_start_from(warm_start) if warm_start is not None else None
         result = solve_quadratic(
-            problem, precond, config.tol, config.max_iters,
+            problem, precond, config.tol, config.max_iters, x0=x0,
             callback=lambda i, r: report("solve", i, config.max_iters, relative_grad_norm=r),
             should_stop=report.check_cancel_flag,
         )
@@ -177,9 +188,7 @@ def _train_lqf(backbone: Backbone, x: torch.Tensor, y: torch.Tensor, num_classes
             should_stop=report.check_cancel_flag,
         )
     info["train_loss"] = problem.loss(delta)
-    tensors = {"head.weight": w0.cpu(), "head.bias": b0.cpu()}
-    tensors.update({f"delta.{k}": v.detach().cpu() for k, v in lin.space.unflatten(delta).items()})
-    return tensors, info
+    return setup.tensors(delta), info
 
 
 def train_model(
@@ -192,15 +201,26 @@ def train_model(
     should_stop: Callable[[], bool] | None = None,
     weights_dir: str | Path | None = None,
     backbone: Backbone | None = None,
+    item_ids: Sequence[str] | None = None,
+    prefix_cache: PrefixCache | None = None,
+    warm_start: TrainedModel | None = None,
 ) -> TrainedModel:
     """Train `config.method` on labelled images and return the model.
 
     images: PIL images / paths / bytes, or an already preprocessed tensor (n, 3, s, s).
-    labels: class indices into `class_names`. Progress is reported every ~0.5 s;
+    labels: class indices into `class_names`. item_ids: stable ids of the images (their
+    positions by default); they decide the validation split and are recorded in the
+    model so that queries can name training items. Progress is reported every ~0.5 s;
     `should_stop` is polled between steps and raises TrainingCancelled when it says so.
+    prefix_cache (LQF): frozen-prefix outputs by item id, reused and filled.
+    warm_start (LQF): a model of the same config whose solution starts the solver; the
+    optimum reached is the same (to the tolerance), only sooner -- see unlearn.py.
     """
     config.validate()
     validate_labels(len(images), labels, class_names)
+    ids = [str(i) for i in range(len(images))] if item_ids is None else [str(i) for i in item_ids]
+    if len(set(ids)) != len(ids):
+        raise InvalidDataError(f"item ids must be unique, got {len(ids) - len(set(ids))} repeats")
     report = _Reporter(progress, should_stop)
     started = time.monotonic()
     torch.manual_seed(config.seed)
@@ -208,14 +228,12 @@ def train_model(
     if backbone is None:
         backbone = load_backbone(config.backbone, weights_dir)
     if config.method == Method.LQF and config.suffix_blocks > backbone.num_feature_blocks:
-        from lqf_core.errors import InvalidConfigError
-
         raise InvalidConfigError(
             f"suffix_blocks={config.suffix_blocks} but {backbone.name} has "
             f"{backbone.num_feature_blocks} feature blocks"
         )
     if isinstance(images, torch.Tensor):
-        x = images.float()
+        x = images if images.dtype == torch.float64 else images.float()
     else:
         preprocess = backbone.preprocess(config.image_size)
         rows = []
@@ -225,14 +243,23 @@ def train_model(
         x = torch.stack(rows)
     y = torch.as_tensor(list(labels), dtype=torch.long)
     num_classes = len(class_names)
-    fit_idx, val_idx = stratified_split(y, config.val_fraction, config.seed)
+    fit_idx, val_idx = split_by_item(labels, ids, config.val_fraction, config.seed)
     x_fit, y_fit, x_val, y_val = x[fit_idx], y[fit_idx], x[val_idx], y[val_idx]
-    info: dict = {"num_train": len(fit_idx), "num_val": len(val_idx)}
+    info: dict = {
+        "num_train": len(fit_idx),
+        "num_val": len(val_idx),
+        "train_item_ids": [ids[i] for i in fit_idx],
+        "val_item_ids": [ids[i] for i in val_idx],
+    }
 
     if config.method == Method.LINEAR_PROBE:
         tensors = _train_linear_probe(backbone, x_fit, y_fit, num_classes, config, device, report)
     elif config.method == Method.LQF:
-        tensors, lqf_info = _train_lqf(backbone, x_fit, y_fit, num_classes, config, device, report)
+        prefix = backbone.split(config.suffix_blocks)[0].to(device)
+        z_fit = _prefix_outputs(prefix, x_fit, info["train_item_ids"], prefix_cache, device,
+                                config.batch_size, report)
+        tensors, lqf_info = _train_lqf(backbone, z_fit, y_fit, num_classes, config, device,
+                                       report, warm_start)
         info.update(lqf_info)
     else:
         probe = _train_linear_probe(backbone, x_fit, y_fit, num_classes,

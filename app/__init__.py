@@ -1,0 +1,1 @@
+"""The HTTP service: FastAPI routes, auth, the predictor cache and micro-batcher."""

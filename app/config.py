@@ -1,0 +1,47 @@
+"""The api's settings (env vars LQF_*), cached so tests and the launcher can override them."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from worker.config import CommonSettings
+
+
+class Settings(CommonSettings):
+    # "tenant:key,tenant2:key2". Empty: every request is refused (the launcher fills it).
+    api_keys: str = ""
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    # Upload limits: checked before anything is written.
+    max_upload_bytes: int = 512 * 1024 * 1024
+    max_archive_files: int = 20_000
+    max_uncompressed_bytes: int = 2 * 1024 * 1024 * 1024
+
+    # Prediction
+    max_predict_images: int = 64
+    predict_max_batch: int = 32
+    predict_max_wait_ms: float = 5.0
+    predict_threads: int = 2
+    model_cache_size: int = 4
+    weights_dir: Path | None = None
+    predict_device: str = "auto"
+
+    def tenant_keys(self) -> dict[str, str]:
+        """key -> tenant, from LQF_API_KEYS."""
+        out: dict[str, str] = {}
+        for pair in self.api_keys.split(","):
+            pair = pair.strip()
+            if not pair:
+                continue
+            tenant, sep, key = pair.partition(":")
+            if not sep or not tenant.strip() or not key.strip():
+                raise ValueError(f"LQF_API_KEYS entry {pair!r} is not 'tenant:key'")
+            out[key.strip()] = tenant.strip()
+        return out
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

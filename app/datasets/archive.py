@@ -1,0 +1,167 @@
+"""Reading an uploaded zip safely: structure first (cheap), then every image decoded.
+
+Two layouts are accepted:
+  class folders   <any/prefix/>cat/001.png, <any/prefix/>dog/002.jpg  (label = parent folder)
+  labels.csv      labels.csv with a `filename,label` header, filenames relative to it
+Nothing is extracted by the archive's own names: images are copied to files named by
+item id, so a hostile name cannot write outside the staging directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import stat
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import IO
+
+from app.errors import ApiError
+from lqf_core.data import IMAGE_SUFFIXES, open_image
+
+MAX_LABEL_LENGTH = 200
+_LABELS_CSV = "labels.csv"
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str  # path inside the archive, as the user wrote it
+    label: str
+    info: zipfile.ZipInfo
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_files: int
+    max_uncompressed_bytes: int
+
+
+def open_zip(fileobj: IO[bytes]) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(fileobj)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError) as exc:
+        raise ApiError(400, f"the upload is not a readable zip archive ({exc})",
+                       "not_a_zip") from None
+
+
+def _is_unsafe(info: zipfile.ZipInfo) -> bool:
+    name = info.filename.replace("\\", "/")
+    parts = PurePosixPath(name).parts
+    if name.startswith("/") or (len(name) > 1 and name[1] == ":") or ".." in parts:
+        return True
+    return stat.S_ISLNK(info.external_attr >> 16)
+
+
+def _skipped(name: str) -> bool:
+    """macOS resource forks, hidden files (.DS_Store) and folders are not data."""
+    parts = PurePosixPath(name).parts
+    return name.endswith("/") or any(p.startswith(".") or p == "__MACOSX" for p in parts)
+
+
+def scan(zf: zipfile.ZipFile, limits: Limits) -> tuple[list[Entry], list[str]]:
+    """Check the archive's structure and label every image -> (entries, ignored names)."""
+    infos = [i for i in zf.infolist() if not i.is_dir()]
+    unsafe = [i.filename for i in infos if _is_unsafe(i)]
+    if unsafe:
+        raise ApiError(400, f"archive entry {unsafe[0]!r} has a path that escapes the archive "
+                            "(absolute, '..' or a link); nothing was stored", "unsafe_path")
+    if len(infos) > limits.max_files:
+        raise ApiError(413, f"archive holds {len(infos)} files, the limit is {limits.max_files}",
+                       "too_many_files")
+    total = sum(i.file_size for i in infos)
+    if total > limits.max_uncompressed_bytes:
+        raise ApiError(413, f"archive expands to {total} bytes, the limit is "
+                            f"{limits.max_uncompressed_bytes}", "too_large_uncompressed")
+    infos = [i for i in infos if not _skipped(i.filename)]
+    csvs = [i for i in infos if PurePosixPath(i.filename).name.lower() == _LABELS_CSV]
+    images = [i for i in infos if PurePosixPath(i.filename).suffix.lower() in IMAGE_SUFFIXES]
+    ignored = sorted(i.filename for i in infos if i not in images and i not in csvs)
+    if len(csvs) > 1:
+        raise ApiError(422, f"archive holds {len(csvs)} labels.csv files, expected at most one",
+                       "invalid_archive")
+    entries = _from_csv(zf, csvs[0], images) if csvs else _from_folders(images)
+    if not entries:
+        raise ApiError(422, "archive holds no images (accepted: "
+                            f"{', '.join(IMAGE_SUFFIXES)})", "no_images")
+    return entries, ignored
+
+
+def _check_label(label: str, where: str) -> str:
+    label = label.strip()
+    if not label:
+        raise ApiError(422, f"{where}: empty label", "invalid_label")
+    if len(label) > MAX_LABEL_LENGTH:
+        raise ApiError(422, f"{where}: label longer than {MAX_LABEL_LENGTH} characters",
+                       "invalid_label")
+    return label
+
+
+def _from_folders(images: list[zipfile.ZipInfo]) -> list[Entry]:
+    entries = []
+    for info in images:
+        parts = PurePosixPath(info.filename).parts
+        if len(parts) < 2:
+            raise ApiError(422, f"image {info.filename!r} is at the archive root: put each "
+                                "class in its own folder, or add a labels.csv", "missing_label")
+        entries.append(Entry(info.filename, _check_label(parts[-2], info.filename), info))
+    return entries
+
+
+def _from_csv(zf: zipfile.ZipFile, csv_info: zipfile.ZipInfo,
+              images: list[zipfile.ZipInfo]) -> list[Entry]:
+    base = PurePosixPath(csv_info.filename).parent
+    try:
+        text = zf.read(csv_info).decode("utf-8-sig")
+    except (UnicodeDecodeError, zipfile.BadZipFile, OSError) as exc:
+        raise ApiError(422, f"labels.csv is not readable UTF-8 text ({exc})",
+                       "invalid_labels_csv") from None
+    rows = [r for r in csv.reader(io.StringIO(text)) if any(c.strip() for c in r)]
+    if not rows or [c.strip().lower() for c in rows[0][:2]] != ["filename", "label"]:
+        raise ApiError(422, "labels.csv must start with the header 'filename,label'",
+                       "invalid_labels_csv")
+    by_name = {str(PurePosixPath(i.filename)): i for i in images}
+    entries, seen, missing = [], set(), []
+    for line, row in enumerate(rows[1:], start=2):
+        if len(row) < 2:
+            raise ApiError(422, f"labels.csv line {line}: expected 'filename,label'",
+                           "invalid_labels_csv")
+        rel = row[0].strip().replace("\\", "/")
+        name = str(base / rel) if str(base) != "." else str(PurePosixPath(rel))
+        if name in seen:
+            raise ApiError(422, f"labels.csv line {line}: {rel!r} is listed twice",
+                           "invalid_labels_csv")
+        seen.add(name)
+        info = by_name.get(name)
+        if info is None:
+            missing.append(rel)
+            continue
+        entries.append(Entry(name, _check_label(row[1], f"labels.csv line {line}"), info))
+    if missing:
+        raise ApiError(422, f"labels.csv names {len(missing)} file(s) that are not images in the "
+                            f"archive, e.g. {missing[:3]}", "label_without_image")
+    unlabelled = sorted(set(by_name) - seen)
+    if unlabelled:
+        raise ApiError(422, f"{len(unlabelled)} image(s) have no row in labels.csv, e.g. "
+                            f"{unlabelled[:3]}", "image_without_label")
+    return entries
+
+
+def extract(zf: zipfile.ZipFile, entries: list[Entry], dest: Path,
+            first_id: int) -> list[dict[str, object]]:
+    """Decode-check every image and copy it to dest/{item id}{suffix} -> manifest items."""
+    dest.mkdir(parents=True, exist_ok=True)
+    items = []
+    for offset, entry in enumerate(entries):
+        try:
+            data = zf.read(entry.info)
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            raise ApiError(400, f"{entry.name}: corrupt archive member ({exc})",
+                           "not_a_zip") from None
+        open_image(data, name=entry.name)  # raises InvalidDataError -> 422
+        item_id = first_id + offset
+        suffix = PurePosixPath(entry.name).suffix.lower()
+        (dest / f"{item_id}{suffix}").write_bytes(data)
+        items.append({"id": item_id, "label": entry.label, "filename": entry.name,
+                      "file": f"images/{item_id}{suffix}"})
+    return items

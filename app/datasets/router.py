@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+import mimetypes
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi.responses import FileResponse, Response
+
+from app.datasets import service
+from app.datasets.schemas import (
+    DatasetCreated,
+    DatasetList,
+    DatasetPublic,
+    ItemList,
+    ItemPublic,
+    ItemsAdded,
+)
+from app.deps import Artifacts, SettingsDep, Tenant
+from app.uploads import check_upload
+
+router = APIRouter(prefix="/datasets", tags=["datasets"])
+
+ZipFile = Annotated[UploadFile, File(description="a zip: class folders, or images + labels.csv")]
+
+
+# Sync handlers: zip reading and image decoding are blocking work, so FastAPI runs them
+# in its thread pool, off the event loop.
+@router.post("", status_code=201, response_model=DatasetCreated)
+def create_dataset(
+    tenant: Tenant, store: Artifacts, settings: SettingsDep, file: ZipFile,
+    name: Annotated[str | None, Form(max_length=200)] = None,
+) -> DatasetCreated:
+    check_upload(file, settings.max_upload_bytes)
+    default_name = (file.filename or "dataset").rsplit("/", 1)[-1].removesuffix(".zip")
+    meta, ignored = service.create(store, settings, tenant, file.file, name or default_name)
+    return DatasetCreated(**meta, ignored_files=ignored)
+
+
+@router.get("", response_model=DatasetList)
+def list_datasets(
+    tenant: Tenant, store: Artifacts,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> DatasetList:
+    metas = store.list_dataset_metas(tenant)
+    return DatasetList(items=[DatasetPublic(**m) for m in metas[offset : offset + limit]],
+                       total=len(metas), limit=limit, offset=offset)
+
+
+@router.get("/{dataset_id}", response_model=DatasetPublic)
+def get_dataset(dataset_id: str, tenant: Tenant, store: Artifacts) -> DatasetPublic:
+    return DatasetPublic(**service.get_meta(store, tenant, dataset_id))
+
+
+@router.delete("/{dataset_id}", status_code=204)
+def delete_dataset(dataset_id: str, tenant: Tenant, store: Artifacts) -> Response:
+    service.delete(store, tenant, dataset_id)
+    return Response(status_code=204)
+
+
+@router.get("/{dataset_id}/items", response_model=ItemList)
+def list_items(
+    dataset_id: str, tenant: Tenant, store: Artifacts,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> ItemList:
+    items, total = service.list_items(store, tenant, dataset_id, limit, offset)
+    return ItemList(items=[ItemPublic(**it) for it in items], total=total, limit=limit,
+                    offset=offset)
+
+
+@router.post("/{dataset_id}/items", status_code=201, response_model=ItemsAdded)
+def add_items(
+    dataset_id: str, tenant: Tenant, store: Artifacts, settings: SettingsDep, file: ZipFile,
+) -> ItemsAdded:
+    check_upload(file, settings.max_upload_bytes)
+    meta, added, ignored = service.append(store, settings, tenant, dataset_id, file.file)
+    return ItemsAdded(dataset=DatasetPublic(**meta), added=[ItemPublic(**a) for a in added],
+                      ignored_files=ignored)
+
+
+@router.get("/{dataset_id}/items/{item_id}/image", response_class=FileResponse)
+def get_item_image(dataset_id: str, item_id: int, tenant: Tenant,
+                   store: Artifacts) -> FileResponse:
+    path = service.item_file(store, tenant, dataset_id, item_id)
+    media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return FileResponse(path, media_type=media_type)

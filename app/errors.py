@@ -1,0 +1,79 @@
+"""Every error leaves as JSON {"detail": ..., "code": ...} with a precise status; no tracebacks."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lqf_core.errors import (
+    IncompatibleModelError,
+    InvalidConfigError,
+    InvalidDataError,
+    LQFError,
+    UnknownBackboneError,
+    WeightsNotFoundError,
+)
+
+log = logging.getLogger("lqf.api")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, detail: str, code: str = "error"):
+        super().__init__(detail)
+        self.status, self.detail, self.code = status, detail, code
+
+
+def not_found(kind: str, ident: str) -> ApiError:
+    # The same answer whether it does not exist or belongs to another tenant.
+    return ApiError(404, f"{kind} {ident!r} not found", f"{kind}_not_found")
+
+
+_LQF_STATUS: list[tuple[type[LQFError], int, str]] = [
+    (InvalidDataError, 422, "invalid_data"),
+    (InvalidConfigError, 422, "invalid_config"),
+    (UnknownBackboneError, 422, "unknown_backbone"),
+    (WeightsNotFoundError, 422, "weights_not_found"),
+    (IncompatibleModelError, 409, "incompatible_model"),
+]
+
+
+def _json(status: int, detail: object, code: str) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"detail": detail, "code": code})
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return _json(exc.status, exc.detail, exc.code)
+
+    @app.exception_handler(LQFError)
+    async def _lqf_error(_: Request, exc: LQFError) -> JSONResponse:
+        for cls, status, code in _LQF_STATUS:
+            if isinstance(exc, cls):
+                return _json(status, str(exc), code)
+        return _json(400, str(exc), "lqf_error")
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = jsonable_encoder(exc.errors(), custom_encoder={bytes: lambda b: "<bytes>"})
+        for err in errors:
+            err.pop("input", None)  # may echo a whole upload back
+            err.pop("ctx", None)
+        return _json(422, errors, "validation_error")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+                413: "too_large"}.get(exc.status_code, "http_error")
+        return JSONResponse(status_code=exc.status_code, headers=getattr(exc, "headers", None),
+                            content={"detail": exc.detail, "code": code})
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error", exc_info=exc, extra={"path": request.url.path})
+        return _json(500, "internal server error", "internal_error")

@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from lqf_core.config import Method, TrainConfig
+from worker.jobstore import JobStatus
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dataset_id: str
+    method: Method = Method.LQF
+    backbone: str = TrainConfig.backbone
+    hyperparameters: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Any TrainConfig field except method, backbone and seed "
+        "(e.g. image_size, max_iters, epochs, lr, val_fraction, device)",
+    )
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
+
+
+class JobProgress(BaseModel):
+    step: int = 0
+    total: int = 0
+    fraction: float = 0.0
+    stage: str = ""
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class JobPublic(BaseModel):
+    id: str
+    status: JobStatus
+    dataset_id: str
+    method: str
+    backbone: str
+    hyperparameters: dict[str, Any]
+    seed: int
+    created_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+    progress: JobProgress
+    metrics: dict[str, float] = {}
+    error: JobError | None = None
+    model_id: str | None = None
+    # "hostname/pid" of the worker that ran it, for operators.
+    worker: str | None = None
+    attempts: int = 0
+
+
+class JobList(BaseModel):
+    items: list[JobPublic]
+    total: int
+    limit: int
+    offset: int
+
+
+class JobEvent(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    seq: int
+    time: str
+    type: str

@@ -1,0 +1,102 @@
+"""Loaded models (LRU cache), each with its micro-batcher, and the prediction path."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from starlette.concurrency import run_in_threadpool
+
+from app.config import Settings
+from app.errors import ApiError
+from app.predict.batcher import MicroBatcher
+from lqf_core.data import open_image
+from lqf_core.serving import Predictor
+from worker.store import ArtifactStore
+
+
+@dataclass
+class Loaded:
+    predictor: Predictor
+    batcher: MicroBatcher
+    version: str
+
+
+class PredictorCache:
+    """Keeps the `size` most recently used models in memory; loads each once."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.size = settings.model_cache_size
+        self.executor = ThreadPoolExecutor(settings.predict_threads, thread_name_prefix="predict")
+        self._models: OrderedDict[str, Loaded] = OrderedDict()
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def get(self, store: ArtifactStore, model_id: str, version: str) -> Loaded:
+        loaded = self._models.get(model_id)
+        if loaded is not None:
+            self._models.move_to_end(model_id)
+            return loaded
+        lock = self._locks.setdefault(model_id, asyncio.Lock())
+        async with lock:  # concurrent first requests load the model once
+            loaded = self._models.get(model_id)
+            if loaded is None:
+                directory = store.model_dir(model_id)
+                predictor = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, lambda: Predictor.load(
+                        directory, device=self.settings.predict_device,
+                        weights_dir=self.settings.weights_dir))
+                batcher = MicroBatcher(predictor.predict_batch, self.executor,
+                                       self.settings.predict_max_batch,
+                                       self.settings.predict_max_wait_ms / 1000)
+                loaded = Loaded(predictor, batcher, predictor.model_version or version)
+                self._models[model_id] = loaded
+                while len(self._models) > self.size:
+                    _, old = self._models.popitem(last=False)
+                    await old.batcher.close()
+        self._locks.pop(model_id, None)
+        return loaded
+
+    def evict(self, model_id: str) -> None:
+        loaded = self._models.pop(model_id, None)
+        if loaded is not None:
+            asyncio.ensure_future(loaded.batcher.close())
+
+    async def close(self) -> None:
+        for loaded in self._models.values():
+            await loaded.batcher.close()
+        self._models.clear()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _prepare(predictor: Predictor, images: list[tuple[str, bytes]]) -> torch.Tensor:
+    # InvalidDataError (undecodable, bomb) names the image and becomes a 422.
+    return torch.stack([predictor.preprocess(open_image(data, name=name))
+                        for name, data in images])
+
+
+async def predict(loaded: Loaded, images: list[tuple[str, bytes]],
+                  top_k: int | None) -> list[dict[str, Any]]:
+    x = await run_in_threadpool(_prepare, loaded.predictor, images)
+    probs: np.ndarray = await loaded.batcher.submit(x)
+    names = loaded.predictor.class_names
+    k = min(top_k or len(names), len(names))
+    out: list[dict[str, Any]] = []
+    for row in probs:
+        order = np.argsort(-row)[:k]
+        out.append({"label": names[int(order[0])],
+                    "probabilities": {names[int(i)]: float(row[i]) for i in order}})
+    return out
+
+
+def check_count(n: int, settings: Settings) -> None:
+    if n == 0:
+        raise ApiError(422, "no images given", "no_images")
+    if n > settings.max_predict_images:
+        raise ApiError(413, f"{n} images in one request, the limit is "
+                            f"{settings.max_predict_images}", "too_many_images")

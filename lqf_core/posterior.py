@@ -1,0 +1,188 @@
+"""What the linear-quadratic model answers in closed form (DESIGN.md §1, issue 4).
+
+For a trained LQF model the loss is an exact quadratic with constant Hessian
+H = J^T J / N + lambda I, so:
+
+* posterior: with a Gaussian likelihood the Laplace approximation is exact,
+  dw ~ N(dw*, (sigma^2 / N) H^-1); the predictive covariance of a test image's outputs
+  is proportional to  J_* H^-1 J_*^T  (C x C);
+* influence of training item i on test output k, for removing i from the sum-form
+  objective  sum_j ||r_j||^2 / 2 + (N lambda / 2) ||dw||^2  (the prior strength is
+  kept fixed, as in the classical ridge leave-one-out formula):
+      exact (Sherman-Morrison-Woodbury):  -(1/N) q_i^T (I - L_ii)^-1 e_i
+      first order:                        -(1/N) q_i^T e_i
+  with q_i = J_i H^-1 J_*^T e_k,  L_ii = J_i H^-1 J_i^T / N  (leverage, C x C),
+  e_i = kappa onehot(y_i) - f_lin(x_i)  (training residual);
+* self-influence: the leave-one-out residual (I - L_ii)^-1 e_i of each training item.
+
+H^-1 v is a preconditioned CG solve (exact to its tolerance) or, as a faster option,
+the K-FAC approximation (one application of the preconditioner).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from lqf_core.backbones import Backbone
+from lqf_core.config import Method
+from lqf_core.errors import IncompatibleModelError, InvalidDataError
+from lqf_core.linearize import batches
+from lqf_core.lqf import LQFSetup, build_lqf_problem, kfac_preconditioner
+from lqf_core.model import TrainedModel
+from lqf_core.solve import conjugate_gradient
+
+
+@dataclass(frozen=True)
+class Influence:
+    """Scores of every training item (N,) on one test output."""
+
+    output_class: int
+    first_order: torch.Tensor
+    exact: torch.Tensor | None  # None when leverages were not computed
+
+
+class LQFPosterior:
+    """A trained LQF model together with its training data, ready for exact queries.
+
+    z_train: frozen-prefix outputs of the training items in `model.info['train_item_ids']`
+    order; labels: their class indices. The linearization point is rebuilt from them
+    and checked against the model, so queries use exactly the model's quadratic.
+    """
+
+    def __init__(self, model: TrainedModel, backbone: Backbone, z_train: torch.Tensor,
+                 labels: torch.Tensor, device: torch.device | None = None,
+                 tol: float = 1e-6, max_iters: int = 500):
+        if model.method != Method.LQF:
+            raise InvalidDataError(f"exact queries need an lqf model, this one is {model.method.value}")
+        self.model = model
+        self.device = device or z_train.device
+        self.tol = tol
+        self.max_iters = max_iters
+        self.setup: LQFSetup = build_lqf_problem(
+            backbone, z_train.to(self.device), labels.to(self.device), model.num_classes,
+            model.config, self.device,
+        )
+        stored = model.tensors["head.weight"].to(self.setup.head_weight)
+        if not torch.allclose(stored, self.setup.head_weight, rtol=1e-3, atol=1e-5):
+            raise IncompatibleModelError(
+                "the training data given do not reproduce the model's linearization point "
+                "(ridge head differs): were items added or removed since it was trained?"
+            )
+        self.problem = self.setup.problem
+        self.lin = self.setup.lin
+        space = self.lin.space
+        self.delta = space.flatten(
+            {n: model.tensors[f"delta.{n}"].to(self.setup.head_weight) for n in space.names}
+        )
+        self.train_outputs = self.jacobian_products(self.delta) + self.problem.output0
+        self.residuals = self.problem.targets - self.train_outputs  # e_i, (N, C)
+        self.labels = labels.to(self.device)
+        self._kfac = None
+        self._leverages: torch.Tensor | None = None
+
+    @property
+    def n(self) -> int:
+        return self.problem.n
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.num_classes
+
+    # -- linear algebra ------------------------------------------------------------
+    def jacobian_products(self, v: torch.Tensor) -> torch.Tensor:
+        """J_train v for every training item, (N, C)."""
+        if self.problem._maps is not None:
+            return torch.cat([jvp_map(v) for _, jvp_map, _ in self.problem._maps])
+        return torch.cat([self.lin.jvp(self.problem.z[sl], v)[1]
+                          for sl in batches(self.n, self.problem.batch_size)])
+
+    def inverse_hessian(self, exact: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+        """v -> H^-1 v, by PCG to `tol` (exact) or by the K-FAC approximation."""
+        if self._kfac is None:
+            self._kfac = kfac_preconditioner(self.problem)
+        kfac = self._kfac
+        if not exact:
+            return kfac
+
+        def solve(v: torch.Tensor) -> torch.Tensor:
+            result = conjugate_gradient(self.problem.hessian_matvec, v, preconditioner=kfac,
+                                        tol=self.tol, max_iters=self.max_iters)
+            return result.x
+
+        return solve
+
+    def _output_gradients(self, z: torch.Tensor) -> torch.Tensor:
+        """J(z)^T e_c for one input z (1, ...) and every output c, (C, P)."""
+        eye = torch.eye(self.num_classes, dtype=z.dtype, device=z.device)
+        return torch.stack([self.lin.vjp(z, eye[c:c + 1]) for c in range(self.num_classes)])
+
+    # -- uncertainty ----------------------------------------------------------------
+    def outputs(self, z: torch.Tensor) -> torch.Tensor:
+        """f_lin at test inputs z (m, ...) -> (m, C)."""
+        return self.lin.forward(z.to(self.device), self.delta)
+
+    def predictive_covariance(self, z: torch.Tensor, exact: bool = True) -> torch.Tensor:
+        """J_* H^-1 J_*^T for each test input, (m, C, C)."""
+        solve = self.inverse_hessian(exact)
+        out = []
+        for i in range(z.shape[0]):
+            zi = z[i:i + 1].to(self.device)
+            grads = self._output_gradients(zi)
+            columns = torch.stack([solve(g) for g in grads])  # (C, P): H^-1 J^T e_c
+            out.append(grads @ columns.T)
+        return torch.stack(out)
+
+    # -- influence -------------------------------------------------------------------
+    def leverages(self, exact: bool = True) -> torch.Tensor:
+        """L_ii = J_i H^-1 J_i^T / N for every training item, (N, C, C). Costs N*C solves
+        (exact) or N*C K-FAC applications; computed once."""
+        if self._leverages is None or exact is False:
+            solve = self.inverse_hessian(exact)
+            out = []
+            for i in range(self.n):
+                grads = self._output_gradients(self.problem.z[i:i + 1])
+                columns = torch.stack([solve(g) for g in grads])
+                out.append(grads @ columns.T / self.n)
+            lev = torch.stack(out)
+            if not exact:
+                return lev
+            self._leverages = lev
+        return self._leverages
+
+    def influence(self, z: torch.Tensor, output_class: int | None = None,
+                  exact: bool = True, with_loo: bool = True) -> Influence:
+        """Change of the test output `output_class` (default: the predicted class) if each
+        training item were removed: first order, and exact leave-one-out when `with_loo`."""
+        z = z[:1].to(self.device)
+        if output_class is None:
+            output_class = int(self.outputs(z).argmax(1))
+        grads = self._output_gradients(z)
+        s = self.inverse_hessian(exact)(grads[output_class])
+        q = self.jacobian_products(s)  # (N, C): J_i H^-1 J_*^T e_k
+        first = -(q * self.residuals).sum(1) / self.n
+        loo = None
+        if with_loo:
+            loo_res = self.loo_residuals(exact)
+            loo = -(q * loo_res).sum(1) / self.n
+        return Influence(output_class, first, loo)
+
+    def loo_residuals(self, exact: bool = True) -> torch.Tensor:
+        """(I - L_ii)^-1 e_i: each training item's residual under the model trained
+        without it, (N, C)."""
+        lev = self.leverages(exact)
+        eye = torch.eye(self.num_classes, dtype=lev.dtype, device=lev.device)
+        return torch.linalg.solve(eye - lev, self.residuals.unsqueeze(-1)).squeeze(-1)
+
+    def self_influence(self, exact: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mislabel scores: (score (N,), label the model trained without i gives (N,)).
+
+        score = ||LOO residual||^2 / kappa^2: how surprising each given label is to the
+        model that never saw it.
+        """
+        loo = self.loo_residuals(exact)
+        loo_outputs = self.problem.targets - loo
+        score = (loo**2).sum(1) / self.model.config.kappa**2
+        return score, loo_outputs.argmax(1)

@@ -1,0 +1,75 @@
+"""Exact unlearning: a new model version that never saw the forgotten items.
+
+Design (issue 4): everything that depends on the training data is recomputed on the
+remaining items -- the validation split (decided per item id, so the remaining items
+keep their side), the ridge head that is part of the linearization point w0, the
+quadratic around it and its K-FAC factors. Only the solver's *starting point* comes
+from the parent (its weights w0' + dw'), so the result is the optimum a fresh job on
+the remaining data reaches, to the solver's tolerance, in fewer iterations. The frozen
+prefix outputs of the remaining items depend on their images only and are reused
+(`prefix_cache`); the forgotten items' entries are dropped from it.
+
+Linear probes are refit in closed form; fine-tuned networks have no shortcut and are
+retrained from the pre-trained weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from lqf_core.backbones import Backbone
+from lqf_core.config import Method
+from lqf_core.data import ImageSource
+from lqf_core.errors import InvalidDataError
+from lqf_core.lqf import PrefixCache
+from lqf_core.model import TrainedModel
+from lqf_core.train import ProgressCallback, train_model
+
+
+def forget(
+    parent: TrainedModel,
+    images: Sequence[ImageSource] | torch.Tensor,
+    labels: Sequence[int],
+    item_ids: Sequence[str],
+    forgotten_ids: Sequence[str],
+    *,
+    progress: ProgressCallback | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    weights_dir: str | Path | None = None,
+    backbone: Backbone | None = None,
+    prefix_cache: PrefixCache | None = None,
+    parent_id: str | None = None,
+) -> TrainedModel:
+    """Retrain `parent` without `forgotten_ids`.
+
+    images / labels / item_ids: the parent's training data *without* the forgotten
+    items (the caller owns the data). Returns a model whose metadata names the parent
+    and what was forgotten.
+    """
+    forgotten = [str(i) for i in forgotten_ids]
+    if not forgotten:
+        raise InvalidDataError("no item ids to forget")
+    known = set(parent.info.get("train_item_ids", [])) | set(parent.info.get("val_item_ids", []))
+    unknown = sorted(set(forgotten) - known)
+    if unknown:
+        raise InvalidDataError(f"items not in the model's training data: {unknown[:10]}")
+    leaked = sorted(set(forgotten) & {str(i) for i in item_ids})
+    if leaked:
+        raise InvalidDataError(f"forgotten items still in the data given: {leaked[:10]}")
+    if prefix_cache is not None:
+        for item in forgotten:
+            prefix_cache.pop(item, None)
+    warm = parent if parent.method == Method.LQF else None
+    model = train_model(
+        images, labels, parent.class_names, parent.config,
+        progress=progress, should_stop=should_stop, weights_dir=weights_dir,
+        backbone=backbone, item_ids=item_ids, prefix_cache=prefix_cache, warm_start=warm,
+    )
+    model.info["forgotten_item_ids"] = sorted(
+        set(forgotten) | set(parent.info.get("forgotten_item_ids", []))
+    )
+    model.info["parent_id"] = parent_id
+    return model

@@ -1,0 +1,157 @@
+"""Influence, self-influence, uncertainty and unlearning against brute force."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lqf_core.backbones import load_backbone
+from lqf_core.classifier import build_classifier
+from lqf_core.config import TrainConfig
+from lqf_core.errors import IncompatibleModelError, InvalidDataError
+from lqf_core.lqf import QuadraticProblem
+from lqf_core.posterior import LQFPosterior
+from lqf_core.train import train_model
+from lqf_core.unlearn import forget
+
+CONFIG = TrainConfig(backbone="tiny_cnn", image_size=16, val_fraction=0.0, suffix_blocks=1,
+                     weight_decay=0.05, probe_l2=1.0, kappa=2.0, tol=1e-12, max_iters=2000)
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    bb = load_backbone("tiny_cnn")
+    for block in bb.blocks:
+        block.double()
+    return bb
+
+
+@pytest.fixture(scope="module")
+def data():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(18) % 3
+    # class-dependent colour shift + noise: learnable but not trivially
+    x = torch.randn(18, 3, 12, 12, generator=generator, dtype=torch.float64)
+    x[:, 0] += (labels == 0).double().view(-1, 1, 1)
+    x[:, 1] += (labels == 1).double().view(-1, 1, 1)
+    x_test = torch.randn(4, 3, 12, 12, generator=generator, dtype=torch.float64)
+    return x, labels, x_test
+
+
+@pytest.fixture(scope="module")
+def trained(backbone, data):
+    x, labels, _ = data
+    model = train_model(x, labels.tolist(), ["a", "b", "c"], CONFIG, backbone=backbone)
+    prefix = backbone.split(CONFIG.suffix_blocks)[0]
+    with torch.no_grad():
+        z = prefix(x)
+    return model, LQFPosterior(model, backbone, z, labels, tol=1e-12, max_iters=2000), z
+
+
+def retrain_without(post: LQFPosterior, keep: torch.Tensor) -> torch.Tensor:
+    """dw* of the quadratic at the same w0 without some items, by a dense direct solve.
+
+    Sum-form prior kept fixed: lambda' = lambda * N / N'."""
+    n, n_keep = post.n, int(keep.sum())
+    problem = QuadraticProblem(post.lin, post.problem.z[keep], post.problem.targets[keep],
+                               post.problem.weight_decay * n / n_keep)
+    jac = post.lin.jacobian(problem.z)
+    hessian = jac.T @ jac / n_keep + problem.weight_decay * torch.eye(jac.shape[1], dtype=jac.dtype)
+    rhs = jac.T @ (problem.targets - problem.output0).reshape(-1) / n_keep
+    return torch.linalg.solve(hessian, rhs)
+
+
+def test_model_solution_is_the_direct_solve(trained):
+    _, post, _ = trained
+    everything = torch.ones(post.n, dtype=torch.bool)
+    expected = retrain_without(post, everything)
+    assert float((post.delta - expected).norm() / expected.norm()) <= 1e-8
+
+
+def test_exact_influence_equals_leave_one_out_retraining(backbone, data, trained):
+    _, post, _ = trained
+    _, _, x_test = data
+    prefix = backbone.split(CONFIG.suffix_blocks)[0]
+    with torch.no_grad():
+        z_star = prefix(x_test[:1])
+    influence = post.influence(z_star)
+    k = influence.output_class
+    base = post.outputs(z_star)[0, k]
+    actual = []
+    for i in range(post.n):
+        keep = torch.ones(post.n, dtype=torch.bool)
+        keep[i] = False
+        dw = retrain_without(post, keep)
+        actual.append(float(post.lin.forward(z_star, dw)[0, k] - base))
+    actual_t = torch.tensor(actual, dtype=torch.float64)
+    assert influence.exact is not None
+    rel = float((influence.exact - actual_t).norm() / actual_t.norm())
+    assert rel <= 1e-6
+    pearson = np.corrcoef(influence.first_order.numpy(), actual_t.numpy())[0, 1]
+    assert pearson >= 0.95
+
+
+def test_self_influence_is_the_leave_one_out_residual(trained):
+    _, post, _ = trained
+    scores, loo_labels = post.self_influence()
+    for i in (0, 7):
+        keep = torch.ones(post.n, dtype=torch.bool)
+        keep[i] = False
+        dw = retrain_without(post, keep)
+        loo_out = post.lin.forward(post.problem.z[i:i + 1], dw)[0]
+        residual = post.problem.targets[i] - loo_out
+        assert float(scores[i]) == pytest.approx(float((residual**2).sum()) / 4.0, rel=1e-6)
+        assert int(loo_labels[i]) == int(loo_out.argmax())
+
+
+def test_predictive_covariance_equals_dense_inverse_formula(trained, backbone, data):
+    _, post, _ = trained
+    prefix = backbone.split(CONFIG.suffix_blocks)[0]
+    with torch.no_grad():
+        z_star = prefix(data[2][:2])
+    cov = post.predictive_covariance(z_star)
+    jac = post.lin.jacobian(post.problem.z)
+    hessian = jac.T @ jac / post.n + post.problem.weight_decay * torch.eye(jac.shape[1],
+                                                                          dtype=jac.dtype)
+    for i in range(2):
+        j_star = post.lin.jacobian(z_star[i:i + 1])
+        expected = j_star @ torch.linalg.solve(hessian, j_star.T)
+        torch.testing.assert_close(cov[i], expected, rtol=1e-7, atol=1e-10)
+    approx = post.predictive_covariance(z_star, exact=False)
+    assert approx.shape == cov.shape and torch.all(torch.diagonal(approx, dim1=1, dim2=2) > 0)
+
+
+def test_posterior_refuses_other_training_data(trained, backbone):
+    model, post, z = trained
+    with pytest.raises(IncompatibleModelError, match="linearization point"):
+        LQFPosterior(model, backbone, z[1:], post.labels[1:].cpu())
+
+
+@pytest.mark.parametrize("forgotten", [["4"], ["1", "9", "17"]])
+def test_unlearning_equals_fresh_training_without_the_items(backbone, data, trained, forgotten):
+    model, _, _ = trained
+    x, labels, x_test = data
+    keep = [i for i in range(len(labels)) if str(i) not in forgotten]
+    ids = [str(i) for i in keep]
+    child = forget(model, x[keep], labels[keep].tolist(), ids, forgotten, backbone=backbone)
+    fresh = train_model(x[keep], labels[keep].tolist(), model.class_names, CONFIG,
+                        backbone=backbone, item_ids=ids)
+    device = torch.device("cpu")
+    out_child = build_classifier(child, backbone, device).logits(torch.cat([x, x_test]))
+    out_fresh = build_classifier(fresh, backbone, device).logits(torch.cat([x, x_test]))
+    assert float((out_child - out_fresh).abs().max()) <= 1e-6
+    assert child.info["forgotten_item_ids"] == sorted(forgotten)
+    assert child.info["solver_iterations"] < fresh.info["solver_iterations"]
+    # the parent's linearization point depended on the forgotten items: it moved
+    assert not torch.equal(child.tensors["head.weight"], model.tensors["head.weight"])
+
+
+def test_forget_rejects_unknown_or_leaked_items(backbone, data, trained):
+    model, _, _ = trained
+    x, labels, _ = data
+    ids = [str(i) for i in range(len(labels))]
+    with pytest.raises(InvalidDataError, match="not in the model's training data"):
+        forget(model, x, labels.tolist(), ids, ["nope"], backbone=backbone)
+    with pytest.raises(InvalidDataError, match="still in the data"):
+        forget(model, x, labels.tolist(), ids, ["3"], backbone=backbone)

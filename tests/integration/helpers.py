@@ -1,0 +1,45 @@
+"""Helpers shared by the integration tests (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+
+KEYS = {"alice": "key-alice-0123456789", "bob": "key-bob-0123456789"}
+QUEUE = "lqf-test"
+FAST_TINY = {"image_size": 32}
+FINAL = {"succeeded", "failed", "cancelled"}
+
+
+def upload(client: httpx.Client, data: bytes, name: str = "shapes") -> httpx.Response:
+    return client.post("/datasets", files={"file": ("data.zip", data, "application/zip")},
+                       data={"name": name})
+
+
+def wait_job(client: httpx.Client, job_id: str, statuses: set[str],
+             timeout: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/jobs/{job_id}").json()
+        if job["status"] in statuses:
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not reach {statuses}: {job}")
+
+
+def submit(client: httpx.Client, dataset_id: str, **body: Any) -> dict[str, Any]:
+    body = {"dataset_id": dataset_id, "backbone": "tiny_cnn",
+            "hyperparameters": dict(FAST_TINY), **body}
+    r = client.post("/jobs", json=body)
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+# A job that runs long enough to be cancelled or killed: many fine-tuning epochs with
+# early stopping effectively off. It polls should_stop every batch.
+LONG_JOB = {"method": "finetune",
+            "hyperparameters": {**FAST_TINY, "epochs": 5000, "patience": 5000}}
+
+

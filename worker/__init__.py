@@ -1,0 +1,1 @@
+"""Celery glue around lqf_core plus the Redis job state and artifact store it shares with app."""

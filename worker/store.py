@@ -1,0 +1,176 @@
+"""The artifact store: datasets and models as plain files under one directory.
+
+Layout (the directory is a shared volume in compose, so every worker and api sees it):
+    datasets/{id}/dataset.json   summary: tenant, name, classes, counts (cheap to list)
+    datasets/{id}/manifest.json  every item: stable id, label, original filename, file
+    datasets/{id}/images/        the uploaded bytes, one file per item
+    models/{id}/record.json      tenant, source job and dataset, classes, metrics, version
+    models/{id}/model.*          what lqf_core.artifacts.save_model wrote
+    .tmp/                        staging: everything is built here, then renamed into place,
+                                 so a reader never sees half a dataset or model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+_ID_RE = re.compile(r"^[a-z]{2,4}_[0-9a-f]{32}$")
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def is_valid_id(value: str, prefix: str) -> bool:
+    """Ids become path components, so anything but our own format is refused."""
+    return bool(_ID_RE.match(value)) and value.startswith(prefix + "_")
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def read_json(path: Path) -> Any:
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write atomically: a crash leaves the old file or the new one, never half of one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+class ArtifactStore:
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+        self.datasets = self.root / "datasets"
+        self.models = self.root / "models"
+        self.tmp = self.root / ".tmp"
+
+    def ensure(self) -> ArtifactStore:
+        for path in (self.datasets, self.models, self.tmp):
+            path.mkdir(parents=True, exist_ok=True)
+        return self
+
+    # -- staging ------------------------------------------------------------------
+    def make_staging_dir(self, prefix: str) -> Path:
+        self.ensure()
+        return Path(tempfile.mkdtemp(prefix=prefix + "-", dir=self.tmp))
+
+    def clean_staging(self, max_age_s: float = 24 * 3600) -> None:
+        """Drop what crashed writers left in .tmp (old enough that no writer still owns it)."""
+        if not self.tmp.is_dir():
+            return
+        cutoff = time.time() - max_age_s
+        for path in self.tmp.iterdir():
+            with contextlib.suppress(OSError):
+                if path.lstat().st_mtime < cutoff:
+                    if path.is_dir() and not path.is_symlink():
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        path.unlink()
+
+    def commit(self, staging: Path, final: Path) -> None:
+        """Move a fully written staging directory into place (same filesystem: atomic)."""
+        os.rename(staging, final)
+
+    def remove(self, path: Path) -> None:
+        """Make a directory disappear at once (rename), then delete it at leisure."""
+        if not path.exists():
+            return
+        trash = self.tmp / f"trash-{uuid.uuid4().hex}"
+        os.rename(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    # -- datasets -------------------------------------------------------------------
+    def dataset_dir(self, dataset_id: str) -> Path:
+        if not is_valid_id(dataset_id, "ds"):
+            raise KeyError(dataset_id)
+        return self.datasets / dataset_id
+
+    def dataset_meta(self, dataset_id: str) -> dict[str, Any] | None:
+        try:
+            return read_json(self.dataset_dir(dataset_id) / "dataset.json")
+        except (KeyError, FileNotFoundError):
+            return None
+
+    def manifest(self, dataset_id: str) -> dict[str, Any]:
+        return read_json(self.dataset_dir(dataset_id) / "manifest.json")
+
+    def list_dataset_metas(self, tenant: str) -> list[dict[str, Any]]:
+        return self._list(self.datasets, "dataset.json", tenant)
+
+    @contextlib.contextmanager
+    def dataset_lock(self, dataset_id: str) -> Iterator[None]:
+        """Serialise writers of one dataset (appends) across threads and processes."""
+        lock_path = self.dataset_dir(dataset_id) / ".lock"
+        with open(lock_path, "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def training_set(self, dataset_id: str) -> tuple[list[Path], list[int], list[str]]:
+        """(image paths, label indices, class names) of the items not excluded."""
+        manifest = self.manifest(dataset_id)
+        excluded = set(manifest.get("excluded", []))
+        items = [it for it in manifest["items"] if it["id"] not in excluded]
+        class_names = sorted({it["label"] for it in items})
+        index = {name: i for i, name in enumerate(class_names)}
+        root = self.dataset_dir(dataset_id)
+        return (
+            [root / it["file"] for it in items],
+            [index[it["label"]] for it in items],
+            class_names,
+        )
+
+    # -- models ---------------------------------------------------------------------
+    def model_dir(self, model_id: str) -> Path:
+        if not is_valid_id(model_id, "mdl"):
+            raise KeyError(model_id)
+        return self.models / model_id
+
+    def model_record(self, model_id: str) -> dict[str, Any] | None:
+        try:
+            return read_json(self.model_dir(model_id) / "record.json")
+        except (KeyError, FileNotFoundError):
+            return None
+
+    def list_model_records(self, tenant: str) -> list[dict[str, Any]]:
+        return self._list(self.models, "record.json", tenant)
+
+    def _list(self, parent: Path, filename: str, tenant: str) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        if not parent.is_dir():
+            return out
+        for child in parent.iterdir():
+            try:
+                meta = read_json(child / filename)
+            except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+                continue
+            if meta.get("tenant") == tenant:
+                out.append(meta)
+        out.sort(key=lambda m: (m.get("created_at", ""), m["id"]), reverse=True)
+        return out

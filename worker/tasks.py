@@ -1,0 +1,12 @@
+"""Celery tasks: thin wrappers; the job logic lives in worker.runner."""
+
+from __future__ import annotations
+
+from worker.celery_app import celery_app, settings, worker_name
+from worker.runner import run_training_job
+
+
+@celery_app.task(name="lqf.train", ignore_result=True)
+def train(job_id: str) -> str:
+    # No autoretry: failures are deterministic (bad data/config) or need a human.
+    return run_training_job(job_id, settings=settings, worker=worker_name())
