@@ -37,7 +37,7 @@ def load_split(split: str, directory: Path = DEFAULT_DIR) -> tuple[np.ndarray, n
 def to_tensor(images: np.ndarray, image_size: int,
               mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """Grayscale uint8 (n, 28, 28) -> normalised RGB (n, 3, s, s), bilinear resize."""
-    x = torch.from_numpy(images).float().div(255).unsqueeze(1)
+    x = torch.from_numpy(images.copy()).float().div(255).unsqueeze(1)
     x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear",
                                         align_corners=False, antialias=True)
     x = x.expand(-1, 3, -1, -1)

@@ -61,17 +61,13 @@ METHODS: dict[str, dict[str, Any]] = {
 
 # Candidate grids: the same number of candidates for every method (the selection budget).
 _LQF_GRID = [
-    {"suffix_blocks": s, "probe_l2": p, "weight_decay": 1e-3}
-    for s in (2, 4) for p in (1.0, 10.0)
+    {"suffix_blocks": 2, "probe_l2": p, "weight_decay": 1e-3} for p in (10.0, 100.0)
 ]
 GRIDS: dict[str, list[dict[str, Any]]] = {
-    "linear_probe": [{"probe_l2": p} for p in (0.01, 0.1, 1.0, 10.0)],
-    "finetune": [
-        {"lr": 1e-4, "train_blocks": 0},
-        {"lr": 3e-4, "train_blocks": 0},
-        {"lr": 1e-3, "train_blocks": 0},
-        {"lr": 1e-3, "train_blocks": 4},
-    ],
+    "linear_probe": [{"probe_l2": p} for p in (0.3, 3.0)],
+    # Adam, whole network. On validation accuracy (seed 0): lr 1e-3 collapsed at 5 and 25
+    # shots; 1e-4 and 3e-4 fell below the probe start at 5 shots, 1e-5 did not.
+    "finetune": [{"lr": lr, "train_blocks": 0} for lr in (1e-5, 1e-4)],
     "lqf": _LQF_GRID,
     "lqf-no-leaky": _LQF_GRID,
     "lqf-ce": _LQF_GRID,
@@ -79,19 +75,11 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
 }
 
 # --quick: two candidates per method.
-_LQF_QUICK = [{"suffix_blocks": 2, "probe_l2": p, "weight_decay": 1e-3} for p in (1.0, 10.0)]
-QUICK_GRIDS: dict[str, list[dict[str, Any]]] = {
-    "linear_probe": [{"probe_l2": p} for p in (0.1, 10.0)],
-    "finetune": [{"lr": 3e-4, "train_blocks": 0}, {"lr": 1e-3, "train_blocks": 0}],
-    "lqf": _LQF_QUICK,
-    "lqf-no-leaky": _LQF_QUICK,
-    "lqf-ce": _LQF_QUICK,
-    "lqf-no-kfac": _LQF_QUICK,
-}
-
+# --quick: the full grids, one shot count, one seed, fewer test images.
+QUICK_GRIDS = GRIDS
 FULL = {"shots": [5, 10, 25, 100], "seeds": [0, 1, 2], "test_size": 2000,
         "out": Path("docs/results/transfer.json")}
-QUICK = {"shots": [5, 25], "seeds": [0], "test_size": 500,
+QUICK = {"shots": [5], "seeds": [0], "test_size": 500,
          "out": Path("docs/results/transfer-quick.json")}
 
 THROUGHPUT_BATCH = 64

@@ -49,6 +49,7 @@ def finetune(
     device: torch.device,
     on_epoch: EpochCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
+    info: dict | None = None,
 ) -> nn.Sequential:
     """Fine-tune and return the network (best validation epoch when x_val is non-empty).
 
@@ -63,8 +64,19 @@ def finetune(
     optimizer = torch.optim.Adam(params, lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed)
     has_val = x_val.shape[0] > 0
-    best_state, best_acc, since_best = copy.deepcopy(net.state_dict()), -1.0, 0
+
+    def val_accuracy() -> float:
+        with torch.no_grad():
+            logits = torch.cat([net(x_val[sl].to(device)) for sl in batches(len(x_val), 256)])
+        return accuracy(logits.cpu(), y_val)
+
+    # Epoch 0 (the probe-initialised head) competes too: fine-tuning must not end below
+    # its own starting point on validation.
+    best_state, best_epoch, since_best = copy.deepcopy(net.state_dict()), 0, 0
+    best_acc = val_accuracy() if has_val else -1.0
     n = x_train.shape[0]
+    epochs_run = 0
+    metrics: dict[str, float] = {"train_loss": 0.0}
     for epoch in range(1, config.epochs + 1):
         net.eval()  # frozen BatchNorm statistics; dropout-free backbones
         order = torch.randperm(n, generator=generator)
@@ -79,25 +91,27 @@ def finetune(
                 optimizer.zero_grad()
                 loss.backward()
             optimizer.step()
-            total_loss += float(loss) * len(idx)
+            total_loss += loss.item() * len(idx)
         metrics = {"train_loss": total_loss / n}
         if has_val:
-            with torch.no_grad():
-                logits = torch.cat([net(x_val[sl].to(device)) for sl in batches(len(x_val), 256)])
-            val_acc = accuracy(logits.cpu(), y_val)
+            val_acc = val_accuracy()
             metrics["val_accuracy"] = val_acc
             if val_acc > best_acc:
                 best_state, best_acc, since_best = copy.deepcopy(net.state_dict()), val_acc, 0
+                best_epoch = epoch
             else:
                 since_best += 1
         if on_epoch is not None:
             on_epoch(epoch, config.epochs, metrics)
+        epochs_run = epoch
         if not torch.isfinite(torch.tensor(metrics["train_loss"])):
-            break  # diverged: keep the best state seen so far
+            break  # diverged: fall back to the best state seen so far
         if has_val and since_best >= config.patience:
             break
-    if has_val:
+    if has_val or not torch.isfinite(torch.tensor(metrics["train_loss"])):
         net.load_state_dict(best_state)
+    if info is not None:
+        info.update(best_epoch=best_epoch if has_val else epochs_run, epochs_run=epochs_run)
     for p in net.parameters():
         p.requires_grad_(False)
     return net.eval()

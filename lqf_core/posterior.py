@@ -54,13 +54,16 @@ class LQFPosterior:
 
     def __init__(self, model: TrainedModel, backbone: Backbone, z_train: torch.Tensor,
                  labels: torch.Tensor, device: torch.device | None = None,
-                 tol: float = 1e-6, max_iters: int = 500):
+                 tol: float = 1e-6, max_iters: int = 500, precondition: bool = True):
         if model.method != Method.LQF:
             raise InvalidDataError(f"exact queries need an lqf model, this one is {model.method.value}")
         self.model = model
         self.device = device or z_train.device
         self.tol = tol
         self.max_iters = max_iters
+        # Without a preconditioner CG needs at most N*C + 1 iterations in exact arithmetic
+        # (H is lambda I plus a rank-N*C term): the better choice for small training sets.
+        self.precondition = precondition
         self.setup: LQFSetup = build_lqf_problem(
             backbone, z_train.to(self.device), labels.to(self.device), model.num_classes,
             model.config, self.device,
@@ -108,7 +111,8 @@ class LQFPosterior:
             return kfac
 
         def solve(v: torch.Tensor) -> torch.Tensor:
-            result = conjugate_gradient(self.problem.hessian_matvec, v, preconditioner=kfac,
+            result = conjugate_gradient(self.problem.hessian_matvec, v,
+                                        preconditioner=kfac if self.precondition else None,
                                         tol=self.tol, max_iters=self.max_iters)
             return result.x
 

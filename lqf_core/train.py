@@ -269,7 +269,7 @@ def train_model(
             backbone, x_fit, y_fit, x_val, y_val, num_classes, config,
             (probe["head.weight"].to(device), probe["head.bias"].to(device)), device,
             on_epoch=lambda e, n, m: report("epoch", e, n, **m),
-            should_stop=report.check_cancel_flag,
+            should_stop=report.check_cancel_flag, info=info,
         )
         tensors = {f"net.{k}": v.detach().cpu() for k, v in net.state_dict().items()}
 

