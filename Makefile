@@ -32,7 +32,7 @@ test-integration: setup
 	$(PY) -m pytest -m integration
 
 lint: setup
-	$(VENV)/bin/ruff check app worker tests/integration
+	$(VENV)/bin/ruff check app worker lqf_core bench tests
 
 typecheck: setup
 	$(VENV)/bin/mypy app worker

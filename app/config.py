@@ -28,6 +28,11 @@ class Settings(CommonSettings):
     weights_dir: Path | None = None
     predict_device: str = "auto"
 
+    # Closed-form queries of lqf models (influence, self-influence, uncertainty)
+    exact_query_limit: int = 2000  # CG solves when N*C <= this, else K-FAC
+    posterior_cache_size: int = 2
+    query_threads: int = 1
+
     def tenant_keys(self) -> dict[str, str]:
         """key -> tenant, from LQF_API_KEYS."""
         out: dict[str, str] = {}

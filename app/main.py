@@ -21,6 +21,8 @@ from app.models.router import router as models_router
 from app.ops.router import router as ops_router
 from app.predict.router import router as predict_router
 from app.predict.service import PredictorCache
+from app.queries.router import router as queries_router
+from app.queries.service import PosteriorCache
 from app.uploads import BodySizeLimit
 from worker.logs import configure_logging
 
@@ -54,6 +56,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings.tenant_keys()  # a malformed LQF_API_KEYS stops the start, loudly
     get_artifacts().clean_staging()
     app.state.predictors = PredictorCache(settings)
+    app.state.posteriors = PosteriorCache(settings)
     sweeper = asyncio.create_task(_sweep(settings))
     log.info("api ready", extra={"data_dir": str(settings.data_dir)})
     try:
@@ -63,6 +66,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await sweeper
         await app.state.predictors.close()
+        app.state.posteriors.close()
 
 
 def create_app() -> FastAPI:
@@ -75,7 +79,8 @@ def create_app() -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    for router in (ops_router, datasets_router, jobs_router, models_router, predict_router):
+    for router in (ops_router, datasets_router, jobs_router, models_router, queries_router,
+                   predict_router):
         app.include_router(router)
     app.add_middleware(BodySizeLimit, limit=settings.max_upload_bytes)
     app.add_middleware(MetricsMiddleware)

@@ -81,7 +81,9 @@ def read_metadata(directory: str | Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise IncompatibleModelError(f"{path}: not valid JSON ({exc})") from None
     if metadata.get("format") != FORMAT:
-        raise IncompatibleModelError(f"{path}: format {metadata.get('format')!r}, expected {FORMAT!r}")
+        raise IncompatibleModelError(
+            f"{path}: format {metadata.get('format')!r}, expected {FORMAT!r}"
+        )
     version = metadata.get("format_version")
     if version != FORMAT_VERSION:
         raise IncompatibleModelError(

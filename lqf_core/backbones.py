@@ -88,7 +88,8 @@ def _resnet(arch: str) -> Callable[[Path | None], tuple[list[nn.Module], int]]:
         if weights is not None:
             net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
-        residual = [blk for layer in (net.layer1, net.layer2, net.layer3, net.layer4) for blk in layer]
+        layers = (net.layer1, net.layer2, net.layer3, net.layer4)
+        residual = [blk for layer in layers for blk in layer]
         return [stem, *residual, GlobalPool()], net.fc.in_features
 
     return build

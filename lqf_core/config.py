@@ -7,24 +7,24 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Any
 
 from lqf_core.errors import InvalidConfigError
 
 
-class Method(str, Enum):
+class Method(StrEnum):
     LQF = "lqf"
     FINETUNE = "finetune"
     LINEAR_PROBE = "linear_probe"
 
 
-class LQFLoss(str, Enum):
+class LQFLoss(StrEnum):
     MSE = "mse"
     CE = "ce"  # ablation only: cross-entropy on the linearized model
 
 
-class ProbeKind(str, Enum):
+class ProbeKind(StrEnum):
     RIDGE = "ridge"
     LOGISTIC = "logistic"
 
@@ -56,7 +56,6 @@ class TrainConfig:
     use_kfac: bool = True
     max_iters: int = 30  # PCG iterations (or optimiser steps for the CE ablation)
     tol: float = 1e-3  # stop when ||grad|| / ||grad at start|| <= tol
-    augment: bool = False  # random flips/crops; disables the frozen-prefix cache
 
     # Non-linear fine-tuning baseline
     lr: float = 1e-5  # Adam; 1e-4 and above wrecked 5-shot fine-tuning (bench/transfer.py)
@@ -114,7 +113,9 @@ class TrainConfig:
             if not ok:
                 raise InvalidConfigError(f"{name} must be {expected}, got {getattr(self, name)!r}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
-            raise InvalidConfigError(f"device must be 'auto', 'cpu' or 'cuda[:n]', got {self.device!r}")
+            raise InvalidConfigError(
+                f"device must be 'auto', 'cpu' or 'cuda[:n]', got {self.device!r}"
+            )
 
 
 _ENUMS: dict[str, type[Enum]] = {"Method": Method, "LQFLoss": LQFLoss, "ProbeKind": ProbeKind}

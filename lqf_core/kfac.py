@@ -57,7 +57,9 @@ def _unfold_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     else:
         assert isinstance(module, nn.Conv2d)
         if not isinstance(module.padding, tuple) or module.padding_mode != "zeros":
-            raise ValueError(f"K-FAC supports zero-padded convolutions with explicit padding, got {module}")
+            raise ValueError(
+                f"K-FAC supports zero-padded convolutions with explicit padding, got {module}"
+            )
         cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
         a = cols.reshape(x.shape[0], module.groups, -1, cols.shape[-1])
     if module.bias is not None:

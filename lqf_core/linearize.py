@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import nn
 from torch.func import functional_call, jvp, linearize, vjp
 
@@ -85,10 +86,16 @@ class LinearizedNet:
         return jvp(lambda p: self._call(p, z), (self.params0,), (tangent,))
 
     def forward(self, z: torch.Tensor, delta_w: torch.Tensor) -> torch.Tensor:
-        """f_lin(z; w0 + delta_w), (n, C)."""
-        with torch.no_grad():
-            out0, jv = self.jvp(z, delta_w)
-        return out0 + jv
+        """f_lin(z; w0 + delta_w), (n, C).
+
+        Forward-mode AD with dual tensors: the same numbers as `jvp`, with less
+        per-call overhead than torch.func's transform (it matters for serving).
+        """
+        tangents = self.space.unflatten(delta_w)
+        with torch.no_grad(), fwAD.dual_level():
+            params = {n: fwAD.make_dual(p, tangents[n]) for n, p in self.params0.items()}
+            primal, tangent = fwAD.unpack_dual(self._call(params, z))
+            return primal + tangent
 
     def vjp(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """J(z)^T u for u (n, C) -> (P,)."""

@@ -44,7 +44,9 @@ class QuadraticProblem:
         self.slices = list(batches(self.n, self.batch_size))
         # H is constant, so each batch's forward and backward linear maps can be built
         # once and replayed by every solver iteration (memory: the suffix activations).
-        self._maps = [self.lin.linear_maps(self.z[sl]) for sl in self.slices] if self.cache else None
+        self._maps = (
+            [self.lin.linear_maps(self.z[sl]) for sl in self.slices] if self.cache else None
+        )
         if self._maps is not None:
             self.output0 = torch.cat([out for out, _, _ in self._maps])
         else:
@@ -80,7 +82,8 @@ class QuadraticProblem:
 
     def loss(self, delta_w: torch.Tensor) -> float:
         residual = self.outputs(delta_w) - self.targets
-        return float(0.5 * (residual**2).sum() / self.n + 0.5 * self.weight_decay * delta_w @ delta_w)
+        penalty = 0.5 * self.weight_decay * delta_w @ delta_w
+        return float(0.5 * (residual**2).sum() / self.n + penalty)
 
 
 # Frozen-prefix outputs by training item id: they depend on the image only, so they can be
@@ -122,10 +125,9 @@ class LQFSetup:
 HEAD_PREFIX = "1."
 
 
-def build_lqf_problem(backbone: Backbone, z: torch.Tensor, y: torch.Tensor, num_classes: int,
-                      config: TrainConfig, device: torch.device) -> LQFSetup:
-    """Everything that depends on the training data: the ridge head (part of w0), the
-    network linearized at w0 and the quadratic. A pure function of (z, y, config)."""
+def fit_lqf_head(backbone: Backbone, z: torch.Tensor, y: torch.Tensor, num_classes: int,
+                 config: TrainConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ridge probe on the (leaky) suffix features at w0: the head part of w0."""
     dim = backbone.feature_dim
     zeros = (torch.zeros(num_classes, dim), torch.zeros(num_classes))
     _, net0 = lqf_network(backbone, config.suffix_blocks, config.leaky_slope, *zeros)
@@ -133,7 +135,19 @@ def build_lqf_problem(backbone: Backbone, z: torch.Tensor, y: torch.Tensor, num_
     with torch.no_grad():
         phi = torch.cat([suffix(z[sl]) for sl in batches(len(z), 256)])
     targets = config.kappa * F.one_hot(y, num_classes).to(z.dtype).to(device)
-    head_weight, head_bias = fit_ridge(phi, targets, config.probe_l2)
+    return fit_ridge(phi, targets, config.probe_l2)
+
+
+def build_lqf_problem(backbone: Backbone, z: torch.Tensor, y: torch.Tensor, num_classes: int,
+                      config: TrainConfig, device: torch.device,
+                      head: tuple[torch.Tensor, torch.Tensor] | None = None) -> LQFSetup:
+    """Everything that depends on the training data: the ridge head (part of w0), the
+    network linearized at w0 and the quadratic. A pure function of (z, y, config);
+    `head` supplies an already fitted head (e.g. a saved model's) instead."""
+    targets = config.kappa * F.one_hot(y, num_classes).to(z.dtype).to(device)
+    if head is None:
+        head = fit_lqf_head(backbone, z, y, num_classes, config, device)
+    head_weight, head_bias = (t.to(device=device, dtype=z.dtype) for t in head)
     _, net = lqf_network(backbone, config.suffix_blocks, config.leaky_slope,
                          head_weight, head_bias)
     net.to(device=device, dtype=z.dtype)

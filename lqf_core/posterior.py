@@ -30,7 +30,7 @@ from lqf_core.backbones import Backbone
 from lqf_core.config import Method
 from lqf_core.errors import IncompatibleModelError, InvalidDataError
 from lqf_core.linearize import batches
-from lqf_core.lqf import LQFSetup, build_lqf_problem, kfac_preconditioner
+from lqf_core.lqf import LQFSetup, build_lqf_problem, fit_lqf_head, kfac_preconditioner
 from lqf_core.model import TrainedModel
 from lqf_core.solve import conjugate_gradient
 
@@ -44,6 +44,16 @@ class Influence:
     exact: torch.Tensor | None  # None when leverages were not computed
 
 
+@dataclass(frozen=True)
+class Uncertainty:
+    """Posterior predictive of m test inputs."""
+
+    mean: torch.Tensor  # (m, C) outputs f_lin
+    covariance: torch.Tensor  # (m, C, C)
+    probabilities: torch.Tensor  # (m, C), uncertainty-aware and temperature-scaled
+    ood_score: torch.Tensor  # (m,)
+
+
 class LQFPosterior:
     """A trained LQF model together with its training data, ready for exact queries.
 
@@ -54,26 +64,36 @@ class LQFPosterior:
 
     def __init__(self, model: TrainedModel, backbone: Backbone, z_train: torch.Tensor,
                  labels: torch.Tensor, device: torch.device | None = None,
-                 tol: float = 1e-6, max_iters: int = 500, precondition: bool = True):
+                 tol: float = 1e-5, max_iters: int = 500, precondition: bool = True):
         if model.method != Method.LQF:
-            raise InvalidDataError(f"exact queries need an lqf model, this one is {model.method.value}")
+            raise InvalidDataError(
+                f"exact queries need an lqf model, this one is {model.method.value}"
+            )
         self.model = model
         self.device = device or z_train.device
+        self.dtype = torch.float64
         self.tol = tol
         self.max_iters = max_iters
         # Without a preconditioner CG needs at most N*C + 1 iterations in exact arithmetic
         # (H is lambda I plus a rank-N*C term): the better choice for small training sets.
         self.precondition = precondition
-        self.setup: LQFSetup = build_lqf_problem(
-            backbone, z_train.to(self.device), labels.to(self.device), model.num_classes,
-            model.config, self.device,
-        )
-        stored = model.tensors["head.weight"].to(self.setup.head_weight)
-        if not torch.allclose(stored, self.setup.head_weight, rtol=1e-3, atol=1e-5):
+        # float64: CG reaches tight tolerances only in double precision.
+        z64 = z_train.to(self.device, self.dtype)
+        labels = labels.to(self.device)
+        refit = fit_lqf_head(backbone, z64, labels, model.num_classes, model.config, self.device)
+        stored = (model.tensors["head.weight"], model.tensors["head.bias"])
+        weight_scale = float(refit[0].abs().max()) + 1e-12
+        if stored[0].shape != refit[0].shape or float(
+            (stored[0].to(refit[0]) - refit[0]).abs().max()
+        ) > 1e-3 * weight_scale:
             raise IncompatibleModelError(
                 "the training data given do not reproduce the model's linearization point "
                 "(ridge head differs): were items added or removed since it was trained?"
             )
+        # Linearize at the model's own w0 so that queries describe the served model.
+        self.setup: LQFSetup = build_lqf_problem(
+            backbone, z64, labels, model.num_classes, model.config, self.device, head=stored,
+        )
         self.problem = self.setup.problem
         self.lin = self.setup.lin
         space = self.lin.space
@@ -82,9 +102,10 @@ class LQFPosterior:
         )
         self.train_outputs = self.jacobian_products(self.delta) + self.problem.output0
         self.residuals = self.problem.targets - self.train_outputs  # e_i, (N, C)
-        self.labels = labels.to(self.device)
+        self.labels = labels
         self._kfac = None
         self._leverages: torch.Tensor | None = None
+        self._reference_trace: float | None = None
 
     @property
     def n(self) -> int:
@@ -126,18 +147,45 @@ class LQFPosterior:
     # -- uncertainty ----------------------------------------------------------------
     def outputs(self, z: torch.Tensor) -> torch.Tensor:
         """f_lin at test inputs z (m, ...) -> (m, C)."""
-        return self.lin.forward(z.to(self.device), self.delta)
+        return self.lin.forward(z.to(self.device, self.dtype), self.delta)
 
     def predictive_covariance(self, z: torch.Tensor, exact: bool = True) -> torch.Tensor:
         """J_* H^-1 J_*^T for each test input, (m, C, C)."""
         solve = self.inverse_hessian(exact)
         out = []
         for i in range(z.shape[0]):
-            zi = z[i:i + 1].to(self.device)
+            zi = z[i:i + 1].to(self.device, self.dtype)
             grads = self._output_gradients(zi)
             columns = torch.stack([solve(g) for g in grads])  # (C, P): H^-1 J^T e_c
             out.append(grads @ columns.T)
         return torch.stack(out)
+
+    def noise_variance(self) -> float:
+        """sigma^2 of the Gaussian likelihood: the mean squared training residual per
+        output, floored so that a model that interpolates keeps some uncertainty."""
+        mean_sq = float((self.residuals**2).mean())
+        return max(mean_sq, 1e-3 * self.model.config.kappa**2)
+
+    def uncertainty(self, z: torch.Tensor, exact: bool = False) -> Uncertainty:
+        """Posterior predictive of test inputs z (m, ...).
+
+        Output covariance (sigma^2 / N) J_* H^-1 J_*^T; class probabilities by the probit
+        approximation softmax(mu_c / sqrt(1 + pi/8 var_c) / T) with the model's fitted
+        temperature T; ood_score = trace of the covariance relative to the median over
+        (up to 32) training items -- about 1 in distribution, larger outside.
+        """
+        predictive_covariance_scale = self.noise_variance() / self.n
+        cov = self.predictive_covariance(z, exact) * predictive_covariance_scale
+        mean = self.outputs(z)
+        var = torch.diagonal(cov, dim1=1, dim2=2).clamp_min(0)
+        scaled = mean / torch.sqrt(1 + torch.pi / 8 * var) / self.model.temperature
+        probs = torch.softmax(scaled.double(), dim=1)
+        if self._reference_trace is None:
+            sample = self.problem.z[: min(32, self.n)]
+            traces = torch.diagonal(self.predictive_covariance(sample, exact), dim1=1, dim2=2)
+            self._reference_trace = float(traces.sum(1).median()) * predictive_covariance_scale
+        ood = torch.diagonal(cov, dim1=1, dim2=2).sum(1) / max(self._reference_trace, 1e-30)
+        return Uncertainty(mean, cov, probs, ood)
 
     # -- influence -------------------------------------------------------------------
     def leverages(self, exact: bool = True) -> torch.Tensor:
@@ -160,7 +208,7 @@ class LQFPosterior:
                   exact: bool = True, with_loo: bool = True) -> Influence:
         """Change of the test output `output_class` (default: the predicted class) if each
         training item were removed: first order, and exact leave-one-out when `with_loo`."""
-        z = z[:1].to(self.device)
+        z = z[:1].to(self.device, self.dtype)
         if output_class is None:
             output_class = int(self.outputs(z).argmax(1))
         grads = self._output_gradients(z)

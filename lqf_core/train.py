@@ -116,7 +116,8 @@ def split_by_item(labels: Sequence[int], item_ids: Sequence[str], fraction: floa
         k = min(int(round(fraction * len(idx))), len(idx) - 1)
         val.extend(idx[:k])
         train.extend(idx[k:])
-    return torch.tensor(sorted(train), dtype=torch.long), torch.tensor(sorted(val), dtype=torch.long)
+    return (torch.tensor(sorted(train), dtype=torch.long),
+            torch.tensor(sorted(val), dtype=torch.long))
 
 
 def _features(module: torch.nn.Module, x: torch.Tensor, device: torch.device, batch_size: int,
@@ -262,8 +263,8 @@ def train_model(
                                        report, warm_start)
         info.update(lqf_info)
     else:
-        probe = _train_linear_probe(backbone, x_fit, y_fit, num_classes,
-                                    config.replace(method=Method.LINEAR_PROBE, probe=ProbeKind.LOGISTIC),
+        probe_config = config.replace(method=Method.LINEAR_PROBE, probe=ProbeKind.LOGISTIC)
+        probe = _train_linear_probe(backbone, x_fit, y_fit, num_classes, probe_config,
                                     device, report)
         net = finetune(
             backbone, x_fit, y_fit, x_val, y_val, num_classes, config,

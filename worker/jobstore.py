@@ -26,7 +26,7 @@ import redis
 
 from worker.store import new_id, utc_now
 
-JSON_FIELDS = ("hyperparameters", "progress", "metrics", "error")
+JSON_FIELDS = ("hyperparameters", "progress", "metrics", "error", "forget_item_ids")
 IDEMPOTENCY_TTL_S = 24 * 3600
 MAX_EVENTS = 5000
 

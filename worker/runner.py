@@ -7,14 +7,16 @@ import re
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
-from lqf_core.artifacts import save_model
+from lqf_core.artifacts import load_model, save_model
 from lqf_core.config import TrainConfig
 from lqf_core.errors import LQFError, TrainingCancelled
 from lqf_core.model import TrainedModel
 from lqf_core.train import Progress, train_model
+from lqf_core.unlearn import forget
 from worker.celery_app import SHUTTING_DOWN
 from worker.config import WorkerSettings
 from worker.jobstore import JobStatus, JobStore
@@ -120,8 +122,29 @@ def error_code(exc: BaseException) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
 
+class JobFailure(Exception):
+    """A deterministic reason to fail the job: (code, message)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+Compute = Callable[[ArtifactStore, dict[str, Any], WorkerSettings, ProgressReporter, Stopper],
+                   tuple[TrainedModel, TrainConfig]]
+
+
 def run_training_job(job_id: str, *, settings: WorkerSettings, worker: str) -> str:
     """Claim the job, train, store the model, record the outcome -> final status."""
+    return _run(job_id, settings, worker, _compute_training)
+
+
+def run_forget_job(job_id: str, *, settings: WorkerSettings, worker: str) -> str:
+    """Claim a forget job, retrain the parent without the items, store the new version."""
+    return _run(job_id, settings, worker, _compute_forget)
+
+
+def _run(job_id: str, settings: WorkerSettings, worker: str, compute: Compute) -> str:
     jobs = _job_store(settings.redis_url)
     claimed = jobs.claim(job_id, worker, settings.lease_ttl_s)
     if claimed != "ok":
@@ -131,7 +154,7 @@ def run_training_job(job_id: str, *, settings: WorkerSettings, worker: str) -> s
     job = jobs.get(job_id) or {}
     log.info("job started", extra={"job_id": job_id, "worker": worker})
     with Lease(jobs, job_id, worker, settings.lease_ttl_s) as lease:
-        status = _train(jobs, job, settings, lease)
+        status = _execute(jobs, job, settings, lease, compute)
     log.info("job finished", extra={"job_id": job_id, "status": status})
     return status
 
@@ -142,26 +165,84 @@ def _fail(jobs: JobStore, job_id: str, code: str, message: str) -> str:
     return JobStatus.FAILED.value
 
 
-def _train(jobs: JobStore, job: dict[str, Any], settings: WorkerSettings, lease: Lease) -> str:
+def _config(job: dict[str, Any], settings: WorkerSettings) -> TrainConfig:
+    hyper = dict(job.get("hyperparameters") or {})
+    if settings.device != "auto":
+        hyper.setdefault("device", settings.device)
+    return TrainConfig.from_dict(
+        {**hyper, "method": job["method"], "backbone": job["backbone"], "seed": job["seed"]}
+    )
+
+
+def _compute_training(artifacts: ArtifactStore, job: dict[str, Any], settings: WorkerSettings,
+                      progress: ProgressReporter, stopper: Stopper
+                      ) -> tuple[TrainedModel, TrainConfig]:
+    config = _config(job, settings)
+    if artifacts.dataset_meta(job["dataset_id"]) is None:
+        raise JobFailure("dataset_not_found",
+                         f"dataset {job['dataset_id']} was deleted before the job ran")
+    # Excluded (forgotten) items are skipped; item ids are recorded in the model so that
+    # influence queries and unlearning can name them.
+    paths, labels, class_names, ids = artifacts.training_items(job["dataset_id"])
+    model = train_model(
+        paths, labels, class_names, config, progress=progress, should_stop=stopper,
+        weights_dir=settings.weights_dir, item_ids=ids,
+    )
+    return model, config
+
+
+def _compute_forget(artifacts: ArtifactStore, job: dict[str, Any], settings: WorkerSettings,
+                    progress: ProgressReporter, stopper: Stopper
+                    ) -> tuple[TrainedModel, TrainConfig]:
+    parent_id = job["parent_model_id"]
+    if artifacts.model_record(parent_id) is None:
+        raise JobFailure("model_not_found", f"model {parent_id} was deleted before the job ran")
+    dataset_id = job["dataset_id"]
+    if artifacts.dataset_meta(dataset_id) is None:
+        raise JobFailure("dataset_not_found",
+                         f"dataset {dataset_id} was deleted before the job ran")
+    parent = load_model(artifacts.model_dir(parent_id))
+    parent_ids = [*parent.info.get("train_item_ids", []), *parent.info.get("val_item_ids", [])]
+    manifest = artifacts.manifest(dataset_id)
+    # Forget what was asked, and anything else the dataset has excluded since the parent
+    # was trained: the new version must not keep items the dataset no longer allows.
+    excluded = {str(i) for i in manifest.get("excluded", [])}
+    forgotten = {str(i) for i in job.get("forget_item_ids") or []}
+    forgotten |= excluded & set(parent_ids)
+    by_id = {str(it["id"]): it for it in manifest["items"]}
+    remaining = [i for i in parent_ids if i not in forgotten]
+    missing = [i for i in remaining if i not in by_id]
+    if missing:
+        raise JobFailure("invalid_data", f"items {missing[:10]} of the parent's training data "
+                                         "are no longer in the dataset")
+    index = {name: k for k, name in enumerate(parent.class_names)}
+    strange = sorted({by_id[i]["label"] for i in remaining} - set(index))
+    if strange:
+        raise JobFailure("invalid_data", f"labels {strange} are not classes of the parent")
+    root = artifacts.dataset_dir(dataset_id)
+    config = parent.config
+    if settings.device != "auto":
+        config = config.replace(device=settings.device)
+        parent.config = config
+    model = forget(
+        parent, [root / by_id[i]["file"] for i in remaining],
+        [index[by_id[i]["label"]] for i in remaining], remaining, sorted(forgotten),
+        progress=progress, should_stop=stopper, weights_dir=settings.weights_dir,
+        parent_id=parent_id,
+    )
+    return model, config
+
+
+def _execute(jobs: JobStore, job: dict[str, Any], settings: WorkerSettings, lease: Lease,
+             compute: Compute) -> str:
     job_id = job["id"]
     artifacts = ArtifactStore(settings.data_dir)
     stopper = Stopper(jobs, job_id, lease)
     try:
-        hyper = dict(job.get("hyperparameters") or {})
-        if settings.device != "auto":
-            hyper.setdefault("device", settings.device)
-        config = TrainConfig.from_dict(
-            {**hyper, "method": job["method"], "backbone": job["backbone"], "seed": job["seed"]}
-        )
-        if artifacts.dataset_meta(job["dataset_id"]) is None:
-            return _fail(jobs, job_id, "dataset_not_found",
-                         f"dataset {job['dataset_id']} was deleted before the job ran")
-        paths, labels, class_names = artifacts.training_set(job["dataset_id"])
-        model = train_model(
-            paths, labels, class_names, config,
-            progress=ProgressReporter(jobs, job_id), should_stop=stopper,
-            weights_dir=settings.weights_dir,
-        )
+        model, config = compute(artifacts, job, settings, ProgressReporter(jobs, job_id),
+                                stopper)
+    except JobFailure as exc:
+        return _fail(jobs, job_id, exc.code, exc.message)
     except TrainingCancelled:
         if stopper.reason == "shutdown":
             return _fail(jobs, job_id, "worker_shutdown",
@@ -221,6 +302,8 @@ def _store_model(artifacts: ArtifactStore, job: dict[str, Any], config: TrainCon
             "hyperparameters": config.to_dict(),
             "model_version": version,
             "created_at": utc_now(),
+            "parent_id": model.info.get("parent_id"),
+            "forgotten_item_ids": list(model.info.get("forgotten_item_ids", [])),
         })
         artifacts.commit(staging, artifacts.model_dir(model_id))
     except BaseException:

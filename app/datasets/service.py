@@ -107,3 +107,19 @@ def item_file(store: ArtifactStore, tenant: str, dataset_id: str, item_id: int) 
 def delete(store: ArtifactStore, tenant: str, dataset_id: str) -> None:
     get_meta(store, tenant, dataset_id)
     store.remove(store.dataset_dir(dataset_id))
+
+
+def exclude(store: ArtifactStore, dataset_id: str, item_ids: list[int],
+            reason: dict[str, Any]) -> dict[str, Any]:
+    """Record items as excluded from later training (unlearning) -> the new summary."""
+    root = store.dataset_dir(dataset_id)
+    with store.dataset_lock(dataset_id):
+        manifest = store.manifest(dataset_id)
+        excluded = set(manifest.get("excluded", [])) | set(item_ids)
+        manifest["excluded"] = sorted(excluded)
+        manifest.setdefault("exclusions", []).append(
+            {"item_ids": sorted(item_ids), "at": utc_now(), **reason})
+        write_json(root / "manifest.json", manifest)
+        meta = _summary(store.dataset_meta(dataset_id) or {}, manifest["items"], excluded)
+        write_json(root / "dataset.json", meta)
+    return meta

@@ -52,6 +52,10 @@ class JobPublic(BaseModel):
     # "hostname/pid" of the worker that ran it, for operators.
     worker: str | None = None
     attempts: int = 0
+    # "train", or "forget": retrain model parent_model_id without forget_item_ids.
+    kind: str = "train"
+    parent_model_id: str | None = None
+    forget_item_ids: list[str] | None = None
 
 
 class JobList(BaseModel):

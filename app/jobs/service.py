@@ -73,3 +73,46 @@ def cancel(jobs: JobStore, tenant: str, job_id: str) -> dict[str, Any]:
     if status in {s.value for s in TERMINAL} and status != JobStatus.CANCELLED.value:
         raise ApiError(409, f"job {job_id} already {status}; nothing to cancel", "job_finished")
     return jobs.get(job_id) or job
+
+
+def create_forget(jobs: JobStore, store: ArtifactStore, settings: Settings, tenant: str,
+                  model_id: str, item_ids: list[str], idempotency_key: str | None
+                  ) -> tuple[dict[str, Any], bool]:
+    """Validate, exclude the items from the dataset, queue an `lqf.forget` job."""
+    from app.datasets.service import exclude
+    from app.models.service import get_record
+    from lqf_core.artifacts import read_metadata
+
+    record = get_record(store, tenant, model_id)
+    wanted = list(dict.fromkeys(item_ids))
+    info = read_metadata(store.model_dir(model_id)).get("info", {})
+    known = {str(i) for i in [*info.get("train_item_ids", []), *info.get("val_item_ids", [])]}
+    unknown = [i for i in wanted if i not in known]
+    if unknown:
+        raise ApiError(422, f"item ids not in model {model_id}'s training data: "
+                            f"{unknown[:20]}", "unknown_items")
+    dataset_id = record["dataset_id"]
+    meta = store.dataset_meta(dataset_id)
+    if meta is None or meta.get("tenant") != tenant:
+        raise ApiError(409, f"the dataset {dataset_id} the model was trained on is gone",
+                       "dataset_gone")
+    hyper = dict(record.get("hyperparameters") or {})
+    fields = {"dataset_id": dataset_id, "method": record["method"],
+              "backbone": record["backbone"], "hyperparameters": hyper,
+              "seed": int(hyper.get("seed", 0)), "kind": "forget",
+              "parent_model_id": model_id, "forget_item_ids": wanted}
+    canonical = json.dumps({"forget": model_id, "item_ids": sorted(wanted)})
+    try:
+        job, created = jobs.create(tenant, fields, idempotency_key,
+                                   hashlib.sha256(canonical.encode()).hexdigest())
+    except IdempotencyConflict:
+        raise ApiError(409, "this Idempotency-Key was already used with a different request",
+                       "idempotency_conflict") from None
+    if created:
+        # Dataset ids are integers in the manifest; the model names them as strings.
+        exclude(store, dataset_id, [int(i) for i in wanted],
+                {"model_id": model_id, "job_id": job["id"]})
+        from worker.celery_app import celery_app
+
+        celery_app.send_task("lqf.forget", args=[job["id"]], queue=settings.queue)
+    return job, created

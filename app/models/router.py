@@ -41,4 +41,5 @@ async def delete_model(model_id: str, request: Request, tenant: Tenant,
                        store: Artifacts) -> Response:
     await run_in_threadpool(service.delete, store, tenant, model_id)
     request.app.state.predictors.evict(model_id)  # on the loop: it owns the batcher task
+    request.app.state.posteriors.evict(model_id)
     return Response(status_code=204)

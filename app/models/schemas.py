@@ -16,6 +16,10 @@ class ModelPublic(BaseModel):
     model_version: str
     hyperparameters: dict[str, Any]
     created_at: str
+    # Set on a version made by POST /models/{id}/forget: the model it was derived from
+    # and every dataset item it was made to forget (its parent's included).
+    parent_id: str | None = None
+    forgotten_item_ids: list[str] = []
 
 
 class ModelList(BaseModel):

@@ -9,11 +9,22 @@ class PredictRequest(BaseModel):
     model_id: str
     images: list[str] = Field(min_length=1, description="base64-encoded image files")
     top_k: int | None = Field(default=None, ge=1, description="classes per prediction")
+    uncertainty: bool = Field(default=False, description="add the posterior predictive "
+                              "(lqf models only)")
+
+
+class PredictionUncertainty(BaseModel):
+    probabilities: dict[str, float] = Field(
+        description="class probabilities that account for the posterior's output variance")
+    variance: dict[str, float] = Field(description="posterior variance of each class output")
+    ood_score: float = Field(description="about 1 in distribution, larger outside")
+    solver: str = Field(description="'cg' (exact solves) or 'kfac' (approximation)")
 
 
 class Prediction(BaseModel):
     label: str
     probabilities: dict[str, float]
+    uncertainty: PredictionUncertainty | None = None
 
 
 class PredictResponse(BaseModel):

@@ -74,15 +74,16 @@ class PredictorCache:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _prepare(predictor: Predictor, images: list[tuple[str, bytes]]) -> torch.Tensor:
+def prepare(predictor: Predictor, images: list[tuple[str, bytes]]) -> torch.Tensor:
     # InvalidDataError (undecodable, bomb) names the image and becomes a 422.
     return torch.stack([predictor.preprocess(open_image(data, name=name))
                         for name, data in images])
 
 
 async def predict(loaded: Loaded, images: list[tuple[str, bytes]],
-                  top_k: int | None) -> list[dict[str, Any]]:
-    x = await run_in_threadpool(_prepare, loaded.predictor, images)
+                  top_k: int | None, x: torch.Tensor | None = None) -> list[dict[str, Any]]:
+    if x is None:
+        x = await run_in_threadpool(prepare, loaded.predictor, images)
     probs: np.ndarray = await loaded.batcher.submit(x)
     names = loaded.predictor.class_names
     k = min(top_k or len(names), len(names))

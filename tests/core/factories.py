@@ -40,7 +40,8 @@ def tiny_inputs(n: int = 6, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, 2, 4, 4, generator=generator, dtype=torch.float64)
 
 
-def tiny_targets(n: int = 6, num_classes: int = 3, kappa: float = 2.0, seed: int = 2) -> torch.Tensor:
+def tiny_targets(n: int = 6, num_classes: int = 3, kappa: float = 2.0,
+                 seed: int = 2) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % num_classes
     labels = labels[torch.randperm(n, generator=generator)]

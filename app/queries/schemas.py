@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Variant(StrEnum):
+    FIRST_ORDER = "first_order"
+    EXACT_LOO = "exact_loo"
+
+
+class Solver(StrEnum):
+    CG = "cg"
+    KFAC = "kfac"
+
+
+MAX_TOP_K = 100
+
+
+class InfluenceRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(description="a base64-encoded image file")
+    top_k: int = Field(default=5, ge=1, le=MAX_TOP_K)
+    variant: Variant = Variant.FIRST_ORDER
+
+
+class InfluenceItem(BaseModel):
+    item_id: str
+    label: str
+    score: float
+    image_url: str
+
+
+class InfluenceResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    model_id: str
+    output_class: str
+    variant: Variant
+    solver: Solver
+    proponents: list[InfluenceItem]
+    opponents: list[InfluenceItem]
+
+
+class SelfInfluenceItem(BaseModel):
+    item_id: str
+    label: str
+    predicted_label: str
+    score: float
+    image_url: str
+
+
+class SelfInfluenceResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    model_id: str
+    solver: Solver
+    total: int
+    items: list[SelfInfluenceItem]
+
+
+class ForgetRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    item_ids: list[int | str] = Field(min_length=1, max_length=20_000,
+                                      description="dataset item ids to forget")

@@ -1,0 +1,199 @@
+"""Closed-form queries of LQF models (uncertainty, influence, self-influence).
+
+A query needs the model's posterior (lqf_core.posterior.LQFPosterior): the quadratic
+rebuilt from the stored training images. Building it costs a pass of the frozen prefix
+over the training set plus the quadratic's setup, so each is built once per model, in a
+worker thread, cached (small LRU) and shared; concurrent first requests for one model
+build it once (a lock per model id). Queries on one posterior are serialised (its
+leverages and K-FAC factors are computed lazily and cached inside it).
+
+Exactness: H^-1 is applied by CG solves (exact to tolerance) when N*C is at most
+LQF_EXACT_QUERY_LIMIT, else by the K-FAC approximation; every answer says which.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from app.config import Settings
+from app.errors import ApiError
+from app.predict.service import Loaded, PredictorCache
+from lqf_core.config import Method
+from lqf_core.data import open_image
+from lqf_core.posterior import LQFPosterior
+from lqf_core.serving import Predictor
+from worker.store import ArtifactStore
+
+PREFIX_BATCH = 64
+
+
+def require_lqf(record: dict[str, Any], what: str = "influence queries") -> None:
+    if record.get("method") != Method.LQF.value:
+        raise ApiError(422, f"only lqf models answer {what}; model {record['id']} is "
+                            f"{record.get('method')}", "not_lqf")
+
+
+def image_url(dataset_id: str, item_id: str) -> str:
+    return f"/datasets/{dataset_id}/items/{item_id}/image"
+
+
+@dataclass
+class Entry:
+    posterior: LQFPosterior
+    prefix: nn.Module
+    predictor: Predictor
+    dataset_id: str
+    item_ids: list[str]
+    labels: list[str]  # given label of each training item
+    exact: bool
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def solver(self) -> str:
+        return "cg" if self.exact else "kfac"
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.predictor.class_names
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            z = torch.cat([self.prefix(x[i:i + PREFIX_BATCH].to(self.predictor.device))
+                           for i in range(0, len(x), PREFIX_BATCH)])
+        return z
+
+    # -- queries (blocking: run in the executor) ----------------------------------------
+    def uncertainty(self, x: torch.Tensor) -> list[dict[str, Any]]:
+        with self.lock:
+            u = self.posterior.uncertainty(self.features(x), exact=self.exact)
+        names = self.class_names
+        out = []
+        for probs, cov, ood in zip(u.probabilities.cpu(), u.covariance.cpu(),
+                                   u.ood_score.cpu(), strict=True):
+            var = torch.diagonal(cov).clamp_min(0)
+            out.append({
+                "probabilities": {n: float(p) for n, p in zip(names, probs, strict=True)},
+                "variance": {n: float(v) for n, v in zip(names, var, strict=True)},
+                "ood_score": float(ood),
+                "solver": self.solver,
+            })
+        return out
+
+    def influence(self, x: torch.Tensor, top_k: int, exact_loo: bool) -> dict[str, Any]:
+        with self.lock:
+            inf = self.posterior.influence(self.features(x[:1]), exact=self.exact,
+                                           with_loo=exact_loo)
+        scores = (inf.exact if exact_loo and inf.exact is not None else inf.first_order)
+        scores = scores.detach().double().cpu()
+        order = torch.argsort(scores)
+        # Negative: removing the item would lower the predicted class's output, it supports
+        # the prediction (proponent); positive: it opposes it (opponent).
+        proponents = [int(i) for i in order if scores[i] < 0][:top_k]
+        opponents = [int(i) for i in order.flip(0) if scores[i] > 0][:top_k]
+        return {"output_class": self.class_names[inf.output_class],
+                "proponents": [self._item(i, float(scores[i])) for i in proponents],
+                "opponents": [self._item(i, float(scores[i])) for i in opponents]}
+
+    def self_influence(self, limit: int) -> tuple[list[dict[str, Any]], int]:
+        with self.lock:
+            scores, loo_labels = self.posterior.self_influence(exact=self.exact)
+        scores = scores.detach().double().cpu()
+        order = torch.argsort(scores, descending=True)[:limit]
+        items = [{**self._item(int(i), float(scores[i])),
+                  "predicted_label": self.class_names[int(loo_labels[i])]} for i in order]
+        return items, len(scores)
+
+    def _item(self, i: int, score: float) -> dict[str, Any]:
+        item_id = self.item_ids[i]
+        return {"item_id": item_id, "label": self.labels[i], "score": score,
+                "image_url": image_url(self.dataset_id, item_id)}
+
+
+def build_entry(store: ArtifactStore, record: dict[str, Any], predictor: Predictor,
+                exact_limit: int) -> Entry:
+    """The posterior of one model from its dataset's stored images (blocking)."""
+    model = predictor.model
+    ids = [str(i) for i in model.info.get("train_item_ids", [])]
+    dataset_id = str(model.info.get("dataset_id") or record["dataset_id"])
+    gone = ApiError(409, f"the dataset {dataset_id} the model was trained on is gone; "
+                         "queries need its training images", "dataset_gone")
+    if store.dataset_meta(dataset_id) is None:
+        raise gone
+    manifest = store.manifest(dataset_id)
+    by_id = {str(it["id"]): it for it in manifest["items"]}
+    missing = [i for i in ids if i not in by_id]
+    if missing or not ids:
+        raise ApiError(409, f"training items {missing[:10]} of model {record['id']} are no "
+                            "longer in its dataset", "incompatible_model")
+    index = {name: k for k, name in enumerate(model.class_names)}
+    labels = [by_id[i]["label"] for i in ids]
+    strange = sorted(set(labels) - set(index))
+    if strange:
+        raise ApiError(409, f"labels {strange} are not classes of the model",
+                       "incompatible_model")
+    root = store.dataset_dir(dataset_id)
+    x = torch.stack([predictor.preprocess(open_image(root / by_id[i]["file"])) for i in ids])
+    prefix = predictor.backbone.split(model.config.suffix_blocks)[0].to(predictor.device)
+    prefix.eval()
+    exact = len(ids) * model.num_classes <= exact_limit
+    entry = Entry(posterior=None, prefix=prefix, predictor=predictor,  # type: ignore[arg-type]
+                  dataset_id=dataset_id, item_ids=ids, labels=labels, exact=exact)
+    y = torch.tensor([index[label] for label in labels])
+    # IncompatibleModelError (the data no longer reproduce the model) -> 409.
+    entry.posterior = LQFPosterior(model, predictor.backbone, entry.features(x), y,
+                                   device=predictor.device)
+    return entry
+
+
+class PosteriorCache:
+    """The `size` most recently used posteriors; each built once, off the event loop."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.size = settings.posterior_cache_size
+        self.executor = ThreadPoolExecutor(settings.query_threads, thread_name_prefix="query")
+        self._entries: OrderedDict[str, Entry] = OrderedDict()
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def get(self, store: ArtifactStore, record: dict[str, Any],
+                  predictors: PredictorCache) -> Entry:
+        require_lqf(record)
+        model_id = record["id"]
+        entry = self._entries.get(model_id)
+        if entry is not None:
+            self._entries.move_to_end(model_id)
+            return entry
+        lock = self._locks.setdefault(model_id, asyncio.Lock())
+        try:
+            async with lock:  # concurrent first queries build it once
+                entry = self._entries.get(model_id)
+                if entry is None:
+                    loaded: Loaded = await predictors.get(store, model_id,
+                                                          record["model_version"])
+                    entry = await self.run(build_entry, store, record, loaded.predictor,
+                                            self.settings.exact_query_limit)
+                    self._entries[model_id] = entry
+                    while len(self._entries) > self.size:
+                        self._entries.popitem(last=False)
+        finally:
+            if not lock.locked():
+                self._locks.pop(model_id, None)
+        return entry
+
+    async def run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def evict(self, model_id: str) -> None:
+        self._entries.pop(model_id, None)
+
+    def close(self) -> None:
+        self._entries.clear()
+        self.executor.shutdown(wait=False, cancel_futures=True)
