@@ -15,7 +15,8 @@ from lqf_core.train import train_model
 from lqf_core.unlearn import forget
 
 CONFIG = TrainConfig(backbone="tiny_cnn", image_size=16, val_fraction=0.0, suffix_blocks=1,
-                     weight_decay=0.05, probe_l2=1.0, kappa=2.0, tol=1e-12, max_iters=2000)
+                     weight_decay=0.05, probe_l2=1.0, kappa=2.0, tol=1e-12, max_iters=2000,
+                     use_kfac=False)  # plain CG ends in <= N*C + 1 steps on these tiny sets
 
 
 @pytest.fixture(scope="module")
@@ -171,8 +172,8 @@ def test_uncertainty_grows_away_from_the_data(trained, backbone, data):
     with torch.no_grad():
         z_in = prefix(x[:4])
         z_far = prefix(x[:4] * 25.0)  # far outside the training inputs
-    near = post.uncertainty(z_in, exact=True)
-    far = post.uncertainty(z_far, exact=True)
+    near = post.uncertainty(z_in, exact=False)
+    far = post.uncertainty(z_far, exact=False)
     torch.testing.assert_close(near.probabilities.sum(1), torch.ones(4, dtype=torch.float64))
     assert float(far.ood_score.min()) > float(near.ood_score.max())
     torch.testing.assert_close(near.mean, post.outputs(z_in))
