@@ -401,16 +401,17 @@ def main(argv: Sequence[str] | None = None) -> None:
                     f"selection {record['selection_seconds']:.1f}s")
                 save_json(args.out, records, None)
 
-    if not finals and (old_throughput is None or args.remeasure_throughput):
-        # Every run was resumed from disk: train the two models the throughput compares
-        # (defaults, first shot count and seed) so item 8 is measured in this run.
+    if finals or old_throughput is None or args.remeasure_throughput:
+        # The throughput compares the plain network (linear probe) with LQF: train them
+        # with defaults (first shot count and seed) when this run did not.
         idx = few_shot_indices(y_pool, args.shots[0], args.seeds[0])
         x = to_tensor(x_pool[idx], args.image_size, backbone.mean, backbone.std)
         y = y_pool[idx].tolist()
         for name in ("linear_probe", "lqf"):
-            config = TrainConfig.from_dict({**METHODS[name], "image_size": args.image_size,
-                                    "val_fraction": 0.0})
-            finals[name] = train_model(x, y, CLASS_NAMES, config, backbone=backbone)
+            if name not in finals:
+                config = TrainConfig.from_dict({**METHODS[name], "val_fraction": 0.0,
+                                                "image_size": args.image_size})
+                finals[name] = train_model(x, y, CLASS_NAMES, config, backbone=backbone)
     throughput = old_throughput
     if finals:
         throughput = {"kind": "throughput", "shots": args.shots[-1], "seed": args.seeds[-1],
