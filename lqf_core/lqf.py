@@ -63,6 +63,12 @@ class QuadraticProblem:
                 total += self.lin.ggn_matvec(self.z[sl], v)
         return total / self.n + self.weight_decay * v
 
+    def jacobian_products(self, v: torch.Tensor) -> torch.Tensor:
+        """J v for every cached input, (N, C)."""
+        if self._maps is not None:
+            return torch.cat([jvp_map(v) for _, jvp_map, _ in self._maps])
+        return torch.cat([self.lin.jvp(self.z[sl], v)[1] for sl in self.slices])
+
     def rhs(self) -> torch.Tensor:
         """b = J^T (Y - f(w0)) / N: minus the gradient at dw = 0."""
         total = torch.zeros(self.lin.num_params, dtype=self.z.dtype, device=self.z.device)

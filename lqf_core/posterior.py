@@ -29,7 +29,6 @@ import torch
 from lqf_core.backbones import Backbone
 from lqf_core.config import Method
 from lqf_core.errors import IncompatibleModelError, InvalidDataError
-from lqf_core.linearize import batches
 from lqf_core.lqf import LQFSetup, build_lqf_problem, fit_lqf_head, kfac_preconditioner
 from lqf_core.model import TrainedModel
 from lqf_core.solve import conjugate_gradient
@@ -118,10 +117,7 @@ class LQFPosterior:
     # -- linear algebra ------------------------------------------------------------
     def jacobian_products(self, v: torch.Tensor) -> torch.Tensor:
         """J_train v for every training item, (N, C)."""
-        if self.problem._maps is not None:
-            return torch.cat([jvp_map(v) for _, jvp_map, _ in self.problem._maps])
-        return torch.cat([self.lin.jvp(self.problem.z[sl], v)[1]
-                          for sl in batches(self.n, self.problem.batch_size)])
+        return self.problem.jacobian_products(v)
 
     def inverse_hessian(self, exact: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
         """v -> H^-1 v, by PCG to `tol` (exact) or by the K-FAC approximation."""
