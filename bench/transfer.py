@@ -74,7 +74,6 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
     "lqf-no-kfac": _LQF_GRID,
 }
 
-# --quick: two candidates per method.
 # --quick: the full grids, one shot count, one seed, fewer test images.
 QUICK_GRIDS = GRIDS
 FULL = {"shots": [5, 10, 25, 100], "seeds": [0, 1, 2], "test_size": 2000,
@@ -341,7 +340,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.transfer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="shots 5 25, seed 0, 500 test images, 2 candidates per method")
+                        help="5 shots, seed 0, 500 test images, the full candidate grids")
     parser.add_argument("--shots", type=int, nargs="+")
     parser.add_argument("--seeds", type=int, nargs="+")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))

@@ -74,6 +74,51 @@ def _output_grads(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
     return g.reshape(g.shape[0], groups, g.shape[1] // groups, -1)
 
 
+class _LayerTaps:
+    """Forward hooks that record each linearized layer's input and output."""
+
+    def __init__(self, lin: LinearizedNet):
+        self.lin = lin
+        self.layers = _layers(lin)
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.outputs: dict[str, torch.Tensor] = {}
+
+    def __enter__(self) -> _LayerTaps:
+        def save(name: str) -> Callable:
+            def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+                self.inputs[name] = args[0].detach()
+                self.outputs[name] = out
+
+            return hook
+
+        self.handles = [m.register_forward_hook(save(n)) for n, m in self.layers.items()]
+        params = dict(self.lin.net.named_parameters())
+        self.saved_flags = {n: p.requires_grad for n, p in params.items()}
+        for n, p in params.items():
+            p.requires_grad_(n in self.lin.params0)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+        for n, p in self.lin.net.named_parameters():
+            p.requires_grad_(self.saved_flags[n])
+
+    def run(self, z: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(network outputs with graph, unfolded layer inputs (n, g, k, positions))."""
+        self.inputs.clear()
+        self.outputs.clear()
+        out = self.lin.net(z)
+        unfolded = {n: _unfold_input(m, self.inputs[n]) for n, m in self.layers.items()}
+        return out, unfolded
+
+    def output_grads(self, seed: torch.Tensor) -> dict[str, torch.Tensor]:
+        """d seed / d(layer output) of every layer, (n, g, o, positions)."""
+        names = list(self.layers)
+        grads = torch.autograd.grad(seed, [self.outputs[n] for n in names], retain_graph=True)
+        return {n: _output_grads(self.layers[n], g) for n, g in zip(names, grads, strict=True)}
+
+
 def compute_kfac_factors(
     lin: LinearizedNet,
     z: torch.Tensor,
@@ -82,67 +127,36 @@ def compute_kfac_factors(
     on_batch: Callable[[int, int], None] | None = None,
 ) -> list[KroneckerFactors]:
     """Kronecker factors of J^T J / N over the N inputs z (the cached prefix outputs)."""
-    layers = _layers(lin)
     n_total = z.shape[0]
-    inputs: dict[str, torch.Tensor] = {}
-    outputs: dict[str, torch.Tensor] = {}
-
-    def save(name: str) -> Callable:
-        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-            inputs[name] = args[0].detach()
-            outputs[name] = out
-
-        return hook
-
-    handles = [m.register_forward_hook(save(n)) for n, m in layers.items()]
     sums_a: dict[str, torch.Tensor] = {}
     sums_s: dict[str, torch.Tensor] = {}
     counts_a: dict[str, int] = {}
-    params = dict(lin.net.named_parameters())
-    saved_flags = {n: p.requires_grad for n, p in params.items()}
-    try:
-        for n, p in params.items():
-            p.requires_grad_(n in lin.params0)
+    with _LayerTaps(lin) as taps, torch.enable_grad():
         all_batches = list(batches(n_total, batch_size))
         for index, sl in enumerate(all_batches):
-            with torch.enable_grad():
-                out = lin.net(z[sl])
-                num_outputs = out.shape[1]
-                if num_outputs <= EXACT_OUTPUTS_LIMIT:
-                    directions = [None] * num_outputs
-                else:
-                    directions = [
-                        torch.randn(out.shape, generator=generator, dtype=out.dtype)
-                        for _ in range(RANDOM_OUTPUT_PROBES)
-                    ]
-                names = list(layers)
-                for c, direction in enumerate(directions):
-                    seed = out[:, c].sum() if direction is None else (out * direction).sum()
-                    seed = seed / (1.0 if direction is None else len(directions) ** 0.5)
-                    grads = torch.autograd.grad(
-                        seed, [outputs[n] for n in names], retain_graph=True
-                    )
-                    for name, g in zip(names, grads, strict=True):
-                        d = _output_grads(layers[name], g)
-                        s = torch.einsum("ngop,ngqp->goq", d, d)
-                        sums_s[name] = sums_s[name] + s if name in sums_s else s
-            for name in names:
-                a = _unfold_input(layers[name], inputs[name])
+            out, unfolded = taps.run(z[sl])
+            num_outputs = out.shape[1]
+            if num_outputs <= EXACT_OUTPUTS_LIMIT:
+                seeds = [out[:, c].sum() for c in range(num_outputs)]
+            else:
+                seeds = [
+                    (out * torch.randn(out.shape, generator=generator, dtype=out.dtype)).sum()
+                    / RANDOM_OUTPUT_PROBES**0.5
+                    for _ in range(RANDOM_OUTPUT_PROBES)
+                ]
+            for seed in seeds:
+                for name, d in taps.output_grads(seed).items():
+                    s = torch.einsum("ngop,ngqp->goq", d, d)
+                    sums_s[name] = sums_s[name] + s if name in sums_s else s
+            for name, a in unfolded.items():
                 aa = torch.einsum("ngkp,ngjp->gkj", a, a)
                 sums_a[name] = sums_a[name] + aa if name in sums_a else aa
                 counts_a[name] = counts_a.get(name, 0) + a.shape[0] * a.shape[-1]
-            inputs.clear()
-            outputs.clear()
             if on_batch is not None:
                 on_batch(index + 1, len(all_batches))
-    finally:
-        for handle in handles:
-            handle.remove()
-        for n, p in params.items():
-            p.requires_grad_(saved_flags[n])
 
     factors = []
-    for name, module in layers.items():
+    for name, module in taps.layers.items():
         prefix = f"{name}." if name else ""
         bias = prefix + "bias" if module.bias is not None else None
         groups = module.groups if isinstance(module, nn.Conv2d) else 1
@@ -193,3 +207,59 @@ class KFACPreconditioner:
                 mat = mat[:, :, :-1]
             out[f.weight_name] = mat.reshape(w.shape)
         return self.space.flatten(out)
+
+    def output_forms(self, lin: LinearizedNet, z: torch.Tensor,
+                     batch_size: int = 8) -> torch.Tensor:
+        """J(z_i) K^-1 J(z_i)^T for every input, (n, C, C), with K^-1 this preconditioner.
+
+        The same numbers as applying `self` to each of the C rows of J(z_i), but without
+        forming them: a layer's row is  sum_p d_p a_p^T  over its output positions p, so
+        in the factors' eigenbases the form needs only the layer's inputs a and output
+        gradients d. For n inputs this costs C backward passes per batch and small
+        contractions, instead of n * C gradients and preconditioner applications.
+        """
+        covered = {f.weight_name for f, *_ in self.blocks} | {
+            f.bias_name for f, *_ in self.blocks if f.bias_name is not None
+        }
+        if set(self.space.names) - covered:
+            raise NotImplementedError("output_forms needs every parameter in a K-FAC block")
+        by_weight = {f.weight_name: (vec_a, vec_s, inv) for f, vec_a, vec_s, inv in self.blocks}
+        forms = []
+        with _LayerTaps(lin) as taps, torch.enable_grad():
+            for sl in batches(z.shape[0], batch_size):
+                out, unfolded = taps.run(z[sl])
+                grads = [taps.output_grads(out[:, c].sum()) for c in range(out.shape[1])]
+                total = out.new_zeros(out.shape[0], out.shape[1], out.shape[1])
+                for name in taps.layers:
+                    vec_a, vec_s, inv = by_weight[f"{name}.weight" if name else "weight"]
+                    a_hat = torch.einsum("ngkp,gkl->nglp", unfolded[name], vec_a)
+                    d_hat = torch.stack([torch.einsum("ngop,gom->ngmp", g[name], vec_s)
+                                         for g in grads], dim=1)  # (n, C, g, o, p)
+                    total += _layer_form(a_hat.detach(), d_hat.detach(), inv)
+                forms.append(total.detach())
+        return torch.cat(forms)
+
+
+def _layer_form(a_hat: torch.Tensor, d_hat: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    """sum_{m,l} R_c[m,l] R_d[m,l] inv[m,l] with R_c = sum_p d_hat[c,:,p] a_hat[:,p]^T, per
+    sample: (n, C, C). Two orders of contraction; the cheaper one for this layer's shape."""
+    _, c, g, o, p = d_hat.shape
+    k = a_hat.shape[2]
+    rows_cost = c * g * o * k * (p + c)
+    positions_cost = g * o * p * p * (k + c * c)
+    if rows_cost <= positions_cost:
+        return form_via_rows(a_hat, d_hat, inv)
+    return form_via_positions(a_hat, d_hat, inv)
+
+
+def form_via_rows(a_hat: torch.Tensor, d_hat: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    """Forms the rotated Jacobian rows R_c (n, C, g, o, k) explicitly."""
+    rows = torch.einsum("ncgmp,nglp->ncgml", d_hat, a_hat)
+    return torch.einsum("ncgml,ndgml,gml->ncd", rows, rows, inv)
+
+
+def form_via_positions(a_hat: torch.Tensor, d_hat: torch.Tensor,
+                       inv: torch.Tensor) -> torch.Tensor:
+    """Pairs up output positions first: cheaper when there are few of them."""
+    pairs = torch.einsum("nglp,nglq,gml->npqgm", a_hat, a_hat, inv)
+    return torch.einsum("ncgmp,ndgmq,npqgm->ncd", d_hat, d_hat, pairs)

@@ -103,7 +103,7 @@ class LQFPosterior:
         self.residuals = self.problem.targets - self.train_outputs  # e_i, (N, C)
         self.labels = labels
         self._kfac = None
-        self._leverages: torch.Tensor | None = None
+        self._leverages: dict[bool, torch.Tensor] = {}  # by exactness
         self._reference_trace: float | None = None
 
     @property
@@ -135,6 +135,12 @@ class LQFPosterior:
 
         return solve
 
+    def _kfac_forms(self, z: torch.Tensor) -> torch.Tensor:
+        """J(z_i) K^-1 J(z_i)^T with K the K-FAC approximation of H, (m, C, C)."""
+        self.inverse_hessian(exact=False)  # builds the factors once
+        assert self._kfac is not None
+        return self._kfac.output_forms(self.lin, z.to(self.device, self.dtype))
+
     def _output_gradients(self, z: torch.Tensor) -> torch.Tensor:
         """J(z)^T e_c for one input z (1, ...) and every output c, (C, P)."""
         eye = torch.eye(self.num_classes, dtype=z.dtype, device=z.device)
@@ -147,6 +153,8 @@ class LQFPosterior:
 
     def predictive_covariance(self, z: torch.Tensor, exact: bool = True) -> torch.Tensor:
         """J_* H^-1 J_*^T for each test input, (m, C, C)."""
+        if not exact:
+            return self._kfac_forms(z)
         solve = self.inverse_hessian(exact)
         out = []
         for i in range(z.shape[0]):
@@ -185,20 +193,20 @@ class LQFPosterior:
 
     # -- influence -------------------------------------------------------------------
     def leverages(self, exact: bool = True) -> torch.Tensor:
-        """L_ii = J_i H^-1 J_i^T / N for every training item, (N, C, C). Costs N*C solves
-        (exact) or N*C K-FAC applications; computed once."""
-        if self._leverages is None or exact is False:
-            solve = self.inverse_hessian(exact)
-            out = []
-            for i in range(self.n):
-                grads = self._output_gradients(self.problem.z[i:i + 1])
-                columns = torch.stack([solve(g) for g in grads])
-                out.append(grads @ columns.T / self.n)
-            lev = torch.stack(out)
-            if not exact:
-                return lev
-            self._leverages = lev
-        return self._leverages
+        """L_ii = J_i H^-1 J_i^T / N for every training item, (N, C, C). Exact: N*C CG
+        solves, K-FAC: C backward passes per batch of items. Computed once."""
+        if exact not in self._leverages:
+            if exact:
+                solve = self.inverse_hessian(exact)
+                out = []
+                for i in range(self.n):
+                    grads = self._output_gradients(self.problem.z[i:i + 1])
+                    columns = torch.stack([solve(g) for g in grads])
+                    out.append(grads @ columns.T / self.n)
+                self._leverages[exact] = torch.stack(out)
+            else:
+                self._leverages[exact] = self._kfac_forms(self.problem.z) / self.n
+        return self._leverages[exact]
 
     def influence(self, z: torch.Tensor, output_class: int | None = None,
                   exact: bool = True, with_loo: bool = True) -> Influence:

@@ -4,7 +4,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lqf_core.kfac import KFACPreconditioner, compute_kfac_factors
+from lqf_core.kfac import (
+    KFACPreconditioner,
+    compute_kfac_factors,
+    form_via_positions,
+    form_via_rows,
+)
 from lqf_core.linearize import LinearizedNet
 from tests.core.factories import tiny_inputs, tiny_suffix_net
 
@@ -71,3 +76,34 @@ def test_preconditioner_is_the_exact_inverse_of_damped_kronecker_blocks():
     hessian = jac.T @ jac / x.shape[0] + damping * torch.eye(lin.num_params, dtype=torch.float64)
     v = torch.randn(lin.num_params, dtype=torch.float64)
     torch.testing.assert_close(precond(v), torch.linalg.solve(hessian, v), rtol=1e-9, atol=1e-11)
+
+
+def test_output_forms_equal_the_preconditioner_applied_to_jacobian_rows():
+    """J_i K^-1 J_i^T from layer signals == applying K^-1 to each dense Jacobian row."""
+    torch.manual_seed(0)
+    net = tiny_suffix_net()  # convolutions (one depthwise) and a linear head
+    lin = LinearizedNet(net)
+    z = tiny_inputs()
+    precond = KFACPreconditioner(lin, compute_kfac_factors(lin, z), damping=0.1)
+    forms = precond.output_forms(lin, z, batch_size=2)
+    jac = lin.jacobian(z)  # rows ordered (item, output)
+    n, c = forms.shape[:2]
+    for i in range(n):
+        rows = jac[i * c:(i + 1) * c]
+        expected = rows @ torch.stack([precond(r) for r in rows]).T
+        torch.testing.assert_close(forms[i], expected, rtol=1e-9, atol=1e-11)
+
+
+def test_both_contraction_orders_of_a_layer_form_agree():
+    torch.manual_seed(0)
+    a_hat = torch.randn(3, 2, 5, 4, dtype=torch.float64)  # (n, groups, k, positions)
+    d_hat = torch.randn(3, 6, 2, 7, 4, dtype=torch.float64)  # (n, C, groups, o, positions)
+    inv = torch.rand(2, 7, 5, dtype=torch.float64)
+    rows = torch.einsum("ncgmp,nglp->ncgml", d_hat, a_hat)  # R_c for each sample
+    naive = torch.stack([
+        torch.stack([torch.stack([(rows[s, i] * rows[s, j] * inv).sum() for j in range(6)])
+                     for i in range(6)])
+        for s in range(3)
+    ])
+    torch.testing.assert_close(form_via_rows(a_hat, d_hat, inv), naive)
+    torch.testing.assert_close(form_via_positions(a_hat, d_hat, inv), naive)
