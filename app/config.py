@@ -23,7 +23,9 @@ class Settings(CommonSettings):
     max_predict_images: int = 64
     predict_max_batch: int = 32
     predict_max_wait_ms: float = 5.0
-    predict_threads: int = 2
+    # One batch at a time: a batch already uses every core through torch's intra-op
+    # threads, and the batcher fills the next batch while this one runs.
+    predict_threads: int = 1
     model_cache_size: int = 4
     weights_dir: Path | None = None
     predict_device: str = "auto"

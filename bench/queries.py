@@ -61,6 +61,7 @@ from lqf_core.unlearn import forget
 
 IMAGE_SIZE = 64
 NUM_THREADS = 2
+SECTIONS = ("mislabel", "calibration", "cost")
 
 
 # --- data -------------------------------------------------------------------------------
@@ -111,11 +112,12 @@ def finetuned_net(model: TrainedModel, backbone: Backbone) -> torch.nn.Sequentia
 
 
 def posterior_of(model: TrainedModel, backbone: Backbone, cache: dict,
-                 item_labels: dict[str, int]) -> LQFPosterior:
+                 item_labels: dict[str, int], **options: Any) -> LQFPosterior:
+    """In float32 by default: the service's precision for K-FAC answers at this size."""
     ids = model.info["train_item_ids"]
     z = torch.stack([cache[i] for i in ids])
     labels = torch.tensor([item_labels[i] for i in ids])
-    return LQFPosterior(model, backbone, z, labels)
+    return LQFPosterior(model, backbone, z, labels, **{"dtype": torch.float32, **options})
 
 
 def prefix_features(model: TrainedModel, backbone: Backbone, x: torch.Tensor) -> torch.Tensor:
@@ -309,19 +311,22 @@ def cost_section(x: torch.Tensor, y: np.ndarray, x_test: torch.Tensor,
     cache: dict = {}
     parent, full_s = timed(train_lqf, x, labels, args.seed, backbone, cache, val_fraction=0.0)
     log(f"full LQF training on {len(ids)} items: {full_s:.1f}s")
-    post, build_s = timed(posterior_of, parent, backbone, cache, dict(zip(ids, labels,
-                                                                         strict=True)))
+    # float32 with a CG tolerance float32 reaches (the float64 default is 1e-5).
+    post, build_s = timed(posterior_of, parent, backbone, cache,
+                          dict(zip(ids, labels, strict=True)), tol=1e-4, max_iters=100)
     z_query = prefix_features(parent, backbone, x_test[:5])
-    latency: dict[str, Any] = {"num_train": post.n, "posterior_build_seconds": build_s}
-    for name, exact in (("kfac", False), ("cg", True)):
-        post.influence(z_query[:1], exact=exact, with_loo=False)  # warm-up (K-FAC factors)
-        times = [timed(post.influence, z_query[i:i + 1], None, exact, False)[1]
-                 for i in range(1, 4)]
-        latency[f"first_order_{name}_seconds"] = float(np.median(times))
+    latency: dict[str, Any] = {"num_train": post.n, "posterior_build_seconds": build_s,
+                               "dtype": "float32", "cg_tol": post.tol,
+                               "cg_max_iters": post.max_iters}
+    _, factors_s = timed(post.inverse_hessian, False)
+    latency["kfac_factors_once_seconds"] = factors_s
+    times = [timed(post.influence, z_query[i:i + 1], None, False, False)[1] for i in range(3)]
+    latency["first_order_kfac_seconds"] = float(np.median(times))
+    _, latency["first_order_cg_seconds"] = timed(post.influence, z_query[:1], None, True, False)
     _, lev_s = timed(post.loo_residuals, False)
     latency["kfac_leverages_once_seconds"] = lev_s
-    # exact leave-one-out variant on K-FAC leverages (computed once above, reused)
-    _, loo_s = timed(post.influence, z_query[4:5], None, False, True)
+    # the exact leave-one-out variant on the K-FAC leverages (computed once above)
+    _, loo_s = timed(post.influence, z_query[3:4], None, False, True)
     latency["exact_loo_kfac_seconds_after_leverages"] = loo_s
     log(f"influence latency: {latency}")
 
@@ -363,10 +368,10 @@ def markdown(result: dict[str, Any]) -> str:
     mis, cal, cost = result["mislabel"], result["calibration"], result["cost"]
     lines = [
         "# Query benchmark (issue 4)", "",
-        f"Command: `{result['command']}`  ",
-        f"Date: {result['date']}  ",
         f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, "
-        f"torch {result['machine']['torch']}", "",
+        f"torch {result['machine']['torch']}. Runs:", "",
+        *[f"- {name}: `{result[name]['run']['command']}` ({result[name]['run']['date']})"
+          for name in SECTIONS], "",
         f"## Mislabel detection ({mis['num_scored']} scored training items, "
         f"{mis['num_flipped_scored']} flipped; top {mis['noise']:.0%})", "",
         "| ranking | precision of the top 10 % | AUROC |", "|---|---|---|",
@@ -389,9 +394,12 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["", f"## Cost (N = {inf['num_train']} training items)", "",
               f"- full LQF training: {cost['full_training_seconds']:.1f} s "
               f"({cost['parent_solver_iterations']} solver iterations)",
-              f"- posterior build (once per model): {inf['posterior_build_seconds']:.1f} s",
+              f"- posterior build (once per model, {inf['dtype']}): "
+              f"{inf['posterior_build_seconds']:.1f} s; K-FAC factors (once): "
+              f"{inf['kfac_factors_once_seconds']:.1f} s",
               f"- influence query, first order, K-FAC: {inf['first_order_kfac_seconds']:.3f} s;"
-              f" CG: {inf['first_order_cg_seconds']:.3f} s",
+              f" PCG (to relative residual {inf['cg_tol']:g} or {inf['cg_max_iters']} iterations): "
+              f"{inf['first_order_cg_seconds']:.1f} s",
               f"- K-FAC leverages (once per model): {inf['kfac_leverages_once_seconds']:.1f} s;"
               f" exact-LOO query after them: {inf['exact_loo_kfac_seconds_after_leverages']:.3f}"
               " s", "",
@@ -419,8 +427,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--test-size", type=int)
     parser.add_argument("--ood-size", type=int)
     parser.add_argument("--no-kronfluence", dest="kronfluence", action="store_false")
-    parser.add_argument("--sections", nargs="+", default=["mislabel", "calibration", "cost"],
-                        choices=["mislabel", "calibration", "cost"])
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS,
+                        help="run these only, adding them to the results already in --out")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     defaults = (20, 300, 200, "queries-quick") if args.quick else (100, 2000, 1000, "queries")
@@ -443,25 +451,29 @@ def main(argv: list[str] | None = None) -> None:
     x_test = to_tensor(x_t10k[: args.test_size], IMAGE_SIZE, backbone.mean, backbone.std)
     y_test = torch.from_numpy(y_t10k[: args.test_size])
     x_ood = to_tensor(digits_images(args.ood_size), IMAGE_SIZE, backbone.mean, backbone.std)
+    run = {"command": "python -m bench.queries " + shlex.join(sys.argv[1:] if argv is None
+                                                              else argv),
+           "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")}
+    # A run of some sections adds them to the results already in --out.
+    previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
     result: dict[str, Any] = {
-        "command": "python -m bench.queries " + shlex.join(sys.argv[1:] if argv is None
-                                                           else argv),
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        **{k: previous[k] for k in SECTIONS if k in previous},
         "machine": machine_info(),
         "sizes": {"shots": args.shots, "train": len(y), "test": len(y_test),
                   "ood": len(x_ood)},
         "seed": args.seed,
     }
-    if "mislabel" in args.sections:
-        result["mislabel"] = mislabel_section(x, y, args, backbone)
-    if "calibration" in args.sections:
-        result["calibration"] = calibration_section(x, y, x_test, y_test, x_ood, args,
-                                                    backbone)
-    if "cost" in args.sections:
-        result["cost"] = cost_section(x, y, x_test, args, backbone)
+    sections = {
+        "mislabel": lambda: mislabel_section(x, y, args, backbone),
+        "calibration": lambda: calibration_section(x, y, x_test, y_test, x_ood, args,
+                                                   backbone),
+        "cost": lambda: cost_section(x, y, x_test, args, backbone),
+    }
+    for name in args.sections:
+        result[name] = {**sections[name](), "run": run}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    if {"mislabel", "calibration", "cost"} <= result.keys():
+    if set(SECTIONS) <= result.keys():
         text = markdown(result)
         args.out.with_suffix(".md").write_text(text)
         print(text)

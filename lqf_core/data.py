@@ -7,6 +7,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -82,16 +83,17 @@ class Preprocess:
 
     def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float]):
         self.image_size = image_size
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.mean = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
+        self.std = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
+        # numpy, not torch: the API preprocesses in many request threads at once, and
+        # small torch ops there start OpenMP thread teams that fight the model for cores.
         image = image.convert("RGB").resize(
             (self.image_size, self.image_size), Image.Resampling.BILINEAR
         )
-        data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-        x = data.view(self.image_size, self.image_size, 3).permute(2, 0, 1).float() / 255.0
-        return (x - self.mean) / self.std
+        x = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / np.float32(255.0)
+        return torch.from_numpy(np.ascontiguousarray((x - self.mean) / self.std))
 
     def batch(self, images: Sequence[ImageSource]) -> torch.Tensor:
         """Decode and stack images into (n, 3, size, size)."""

@@ -209,7 +209,7 @@ class KFACPreconditioner:
         return self.space.flatten(out)
 
     def output_forms(self, lin: LinearizedNet, z: torch.Tensor,
-                     batch_size: int = 8) -> torch.Tensor:
+                     batch_size: int = 32) -> torch.Tensor:
         """J(z_i) K^-1 J(z_i)^T for every input, (n, C, C), with K^-1 this preconditioner.
 
         The same numbers as applying `self` to each of the C rows of J(z_i), but without

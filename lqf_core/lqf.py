@@ -86,8 +86,9 @@ class QuadraticProblem:
             [self.lin.forward(self.z[sl], delta_w) for sl in batches(self.n, self.batch_size)]
         )
 
-    def loss(self, delta_w: torch.Tensor) -> float:
-        residual = self.outputs(delta_w) - self.targets
+    def loss(self, delta_w: torch.Tensor, outputs: torch.Tensor | None = None) -> float:
+        """The objective at delta_w (`outputs`: its f_lin on the inputs, if known)."""
+        residual = (self.outputs(delta_w) if outputs is None else outputs) - self.targets
         penalty = 0.5 * self.weight_decay * delta_w @ delta_w
         return float(0.5 * (residual**2).sum() / self.n + penalty)
 

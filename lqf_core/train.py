@@ -164,7 +164,8 @@ def _prefix_outputs(prefix: torch.nn.Module, x: torch.Tensor, ids: Sequence[str]
 
 def _train_lqf(backbone: Backbone, z: torch.Tensor, y: torch.Tensor, num_classes: int,
                config: TrainConfig, device: torch.device, report: _Reporter,
-               warm_start: TrainedModel | None) -> tuple[dict, dict]:
+               warm_start: TrainedModel | None) -> tuple[dict, dict, torch.Tensor]:
+    """(tensors, info, training-set logits)."""
     setup = build_lqf_problem(backbone, z, y, num_classes, config, device)
     problem = setup.problem
     precond = None
@@ -188,8 +189,9 @@ def _train_lqf(backbone: Backbone, z: torch.Tensor, y: torch.Tensor, num_classes
             callback=lambda i, loss: report("solve", i, config.max_iters, loss=loss),
             should_stop=report.check_cancel_flag,
         )
-    info["train_loss"] = problem.loss(delta)
-    return setup.tensors(delta), info
+    outputs = problem.outputs(delta)
+    info["train_loss"] = problem.loss(delta, outputs)
+    return setup.tensors(delta), info, outputs.detach()
 
 
 def train_model(
@@ -259,8 +261,8 @@ def train_model(
         prefix = backbone.split(config.suffix_blocks)[0].to(device)
         z_fit = _prefix_outputs(prefix, x_fit, info["train_item_ids"], prefix_cache, device,
                                 config.batch_size, report)
-        tensors, lqf_info = _train_lqf(backbone, z_fit, y_fit, num_classes, config, device,
-                                       report, warm_start)
+        tensors, lqf_info, train_logits = _train_lqf(backbone, z_fit, y_fit, num_classes,
+                                                     config, device, report, warm_start)
         info.update(lqf_info)
     else:
         probe_config = config.replace(method=Method.LINEAR_PROBE, probe=ProbeKind.LOGISTIC)
@@ -286,8 +288,9 @@ def train_model(
             val_nll=negative_log_likelihood(probs, y_val),
             val_ece=expected_calibration_error(probs, y_val),
         )
-    train_logits = classifier.logits(x_fit.to(device)).cpu()
-    model.metrics["train_accuracy"] = accuracy(train_logits, y_fit)
+    if config.method != Method.LQF:  # LQF has them from the solve, without the prefix
+        train_logits = classifier.logits(x_fit.to(device))
+    model.metrics["train_accuracy"] = accuracy(train_logits.cpu(), y_fit)
     model.metrics["train_seconds"] = time.monotonic() - started
     model.info.update(
         backbone_weights=backbone.weights_sha,

@@ -148,8 +148,10 @@ def build_entry(store: ArtifactStore, record: dict[str, Any], predictor: Predict
                   dataset_id=dataset_id, item_ids=ids, labels=labels, exact=exact)
     y = torch.tensor([index[label] for label in labels])
     # IncompatibleModelError (the data no longer reproduce the model) -> 409.
+    # float64 where CG gives exact answers; float32 suffices for K-FAC (and is faster).
     entry.posterior = LQFPosterior(model, predictor.backbone, entry.features(x), y,
-                                   device=predictor.device)
+                                   device=predictor.device,
+                                   dtype=torch.float64 if exact else torch.float32)
     return entry
 
 
