@@ -112,6 +112,20 @@ def test_self_influence_is_the_leave_one_out_residual(trained):
         assert int(loo_labels[i]) == int(loo_out.argmax())
 
 
+def test_kfac_leverages_are_leverages_and_match_the_smw_form(trained):
+    """K-FAC stands in for the curvature without item i: L = M (I + M)^-1, 0 <= L < I,
+    and the LOO residual is (I + M) e with M = J_i K^-1 J_i^T / N."""
+    _, post, _ = trained
+    lev = post.leverages(exact=False)
+    eig = torch.linalg.eigvalsh(0.5 * (lev + lev.transpose(1, 2)))
+    assert float(eig.min()) >= -1e-9 and float(eig.max()) < 1
+    assert post.leverages(exact=False) is lev  # computed once
+    m = post.predictive_covariance(post.problem.z[:3], exact=False) / post.n
+    m = 0.5 * (m + m.transpose(1, 2))
+    expected = post.residuals[:3] + (m @ post.residuals[:3].unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(post.loo_residuals(exact=False)[:3], expected)
+
+
 def test_predictive_covariance_equals_dense_inverse_formula(trained, backbone, data):
     _, post, _ = trained
     prefix = backbone.split(CONFIG.suffix_blocks)[0]
