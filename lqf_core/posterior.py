@@ -29,6 +29,7 @@ import torch
 from lqf_core.backbones import Backbone
 from lqf_core.config import Method
 from lqf_core.errors import IncompatibleModelError, InvalidDataError
+from lqf_core.kfac import KFACPreconditioner
 from lqf_core.lqf import LQFSetup, build_lqf_problem, fit_lqf_head, kfac_preconditioner
 from lqf_core.model import TrainedModel
 from lqf_core.solve import conjugate_gradient
@@ -105,7 +106,7 @@ class LQFPosterior:
         self.train_outputs = self.jacobian_products(self.delta) + self.problem.output0
         self.residuals = self.problem.targets - self.train_outputs  # e_i, (N, C)
         self.labels = labels
-        self._kfac = None
+        self._kfac: KFACPreconditioner | None = None
         self._leverages: dict[bool, torch.Tensor] = {}  # by exactness
         self._reference_trace: float | None = None
 
