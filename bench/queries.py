@@ -52,7 +52,7 @@ from lqf_core.calibration import (
     expected_calibration_error,
     negative_log_likelihood,
 )
-from lqf_core.classifier import build_classifier, finetune_network
+from lqf_core.classifier import build_classifier, trained_finetune_network
 from lqf_core.config import TrainConfig
 from lqf_core.model import TrainedModel
 from lqf_core.posterior import LQFPosterior
@@ -102,13 +102,6 @@ def train_finetune(x: torch.Tensor, y: list[int], seed: int,
                    backbone: Backbone) -> tuple[TrainedModel, dict]:
     """Fine-tuning with its learning rate chosen on the validation split (bench.transfer)."""
     return run_method("finetune", GRIDS["finetune"], x, y, seed, IMAGE_SIZE, backbone)
-
-
-def finetuned_net(model: TrainedModel, backbone: Backbone) -> torch.nn.Sequential:
-    net = finetune_network(backbone, model.num_classes)
-    net.load_state_dict({k.removeprefix("net."): v for k, v in model.tensors.items()
-                         if k.startswith("net.")})
-    return net.eval()
 
 
 def posterior_of(model: TrainedModel, backbone: Backbone, cache: dict,
@@ -215,7 +208,7 @@ def mislabel_section(x: torch.Tensor, y_clean: np.ndarray, args: argparse.Namesp
                                        args.noise),
     }
     ft, _ = train_finetune(x, noisy.tolist(), args.seed, backbone)
-    net = finetuned_net(ft, backbone)
+    net = trained_finetune_network(ft, backbone)
     x_scored, y_scored = x[scored], torch.from_numpy(noisy[scored])
     with torch.no_grad():
         ce = F.cross_entropy(net(x_scored), y_scored, reduction="none")
@@ -281,7 +274,7 @@ def calibration_section(x: torch.Tensor, y: np.ndarray, x_test: torch.Tensor,
         "seconds_per_image": u_s / len(z_test),
     }
     ft, ft_record = train_finetune(x, y.tolist(), args.seed, backbone)
-    net = finetuned_net(ft, backbone)
+    net = trained_finetune_network(ft, backbone)
     with torch.no_grad():
         ft_test = F.softmax(net(x_test).double() / ft.temperature, 1)
         ft_ood = F.softmax(net(x_ood).double() / ft.temperature, 1)

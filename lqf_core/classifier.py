@@ -56,6 +56,15 @@ def finetune_network(backbone: Backbone, num_classes: int) -> nn.Sequential:
     return nn.Sequential(*blocks, nn.Linear(backbone.feature_dim, num_classes))
 
 
+def trained_finetune_network(model: TrainedModel, backbone: Backbone) -> nn.Sequential:
+    """The fine-tuned network of a finetune model, in eval mode (KeyError / RuntimeError
+    when the tensors do not fit the backbone)."""
+    net = finetune_network(backbone, model.num_classes)
+    state = {k.removeprefix("net."): v for k, v in model.tensors.items() if k.startswith("net.")}
+    net.load_state_dict(state)
+    return net.eval()
+
+
 def build_classifier(model: TrainedModel, backbone: Backbone, device: torch.device) -> Classifier:
     """Rebuild the trained predictor from its tensors on `device`."""
     t = model.tensors
@@ -77,11 +86,7 @@ def build_classifier(model: TrainedModel, backbone: Backbone, device: torch.devi
             ).to(device)
             return Classifier(prefix.eval().to(device), lambda z: lin.forward(z, delta))
         if model.method == Method.FINETUNE:
-            net = finetune_network(backbone, model.num_classes)
-            state = {k.removeprefix("net."): v for k, v in t.items() if k.startswith("net.")}
-            net.load_state_dict(state)
-            net.eval().to(device)
-            return Classifier(nn.Identity(), net)
+            return Classifier(nn.Identity(), trained_finetune_network(model, backbone).to(device))
     except (KeyError, RuntimeError, ValueError) as exc:
         raise IncompatibleModelError(
             f"saved {model.method.value} model does not fit backbone {backbone.name!r}: {exc}"

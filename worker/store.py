@@ -132,23 +132,10 @@ class ArtifactStore:
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
-    def training_set(self, dataset_id: str) -> tuple[list[Path], list[int], list[str]]:
-        """(image paths, label indices, class names) of the items not excluded."""
-        manifest = self.manifest(dataset_id)
-        excluded = set(manifest.get("excluded", []))
-        items = [it for it in manifest["items"] if it["id"] not in excluded]
-        class_names = sorted({it["label"] for it in items})
-        index = {name: i for i, name in enumerate(class_names)}
-        root = self.dataset_dir(dataset_id)
-        return (
-            [root / it["file"] for it in items],
-            [index[it["label"]] for it in items],
-            class_names,
-        )
-
     def training_items(self, dataset_id: str
                        ) -> tuple[list[Path], list[int], list[str], list[str]]:
-        """training_set plus each item's dataset id (as a string), in the same order."""
+        """(image paths, label indices, class names, item ids as strings) of the items not
+        excluded, in the same order."""
         manifest = self.manifest(dataset_id)
         excluded = set(manifest.get("excluded", []))
         items = [it for it in manifest["items"] if it["id"] not in excluded]
