@@ -184,6 +184,7 @@ def solve_quadratic(
     x0: torch.Tensor | None = None,
     callback: StepCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
+    on_iterate: Callable[[int, torch.Tensor], None] | None = None,
 ) -> SolveResult:
     """The optimum dw* of the LQF objective by (K-FAC-preconditioned) CG."""
     return conjugate_gradient(
@@ -195,6 +196,7 @@ def solve_quadratic(
         max_iters=max_iters,
         callback=callback,
         should_stop=should_stop,
+        on_iterate=on_iterate,
     )
 
 

@@ -34,11 +34,13 @@ def conjugate_gradient(
     max_iters: int = 1000,
     callback: Callable[[int, float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    on_iterate: Callable[[int, torch.Tensor], None] | None = None,
 ) -> SolveResult:
     """Solve H x = b for symmetric positive definite H (given as `matvec`).
 
     Stops when ||b - H x|| <= tol * ||b|| or after `max_iters` H-products.
     `preconditioner` applies M^-1 with M ~ H (symmetric positive definite, fixed).
+    `on_iterate(i, x)` sees every iterate (e.g. to study accuracy along the path).
     """
     x = torch.zeros_like(b) if x0 is None else x0.clone()
     b_norm = float(b.norm())
@@ -64,6 +66,8 @@ def conjugate_gradient(
         history.append(rel)
         if callback is not None:
             callback(iterations, rel)
+        if on_iterate is not None:
+            on_iterate(iterations, x)
         if rel <= tol:
             break
         z = preconditioner(r) if preconditioner is not None else r
