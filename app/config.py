@@ -26,6 +26,11 @@ class Settings(CommonSettings):
     # One batch at a time: a batch already uses every core through torch's intra-op
     # threads, and the batcher fills the next batch while this one runs.
     predict_threads: int = 1
+    # Run the forward passes in a child process (app/predict/inference.py): in the API
+    # process they compete with request handling for the GIL. False: in a thread here.
+    predict_process: bool = True
+    # Intra-op threads of the inference process; 0 keeps torch's default (OMP_NUM_THREADS).
+    predict_torch_threads: int = 0
     model_cache_size: int = 4
     weights_dir: Path | None = None
     predict_device: str = "auto"

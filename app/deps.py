@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 from functools import lru_cache
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends
@@ -26,13 +27,33 @@ def get_job_store() -> JobStore:
     return _job_store(get_settings().redis_url)
 
 
+@lru_cache
+def _artifact_store(data_dir: Path) -> ArtifactStore:
+    return ArtifactStore(data_dir).ensure()
+
+
 def get_artifacts() -> ArtifactStore:
-    return ArtifactStore(get_settings().data_dir).ensure()
+    return _artifact_store(get_settings().data_dir)
 
 
-def get_tenant(
+# The dependencies are `async def` although they do no I/O: FastAPI runs a plain `def`
+# dependency in its thread pool, and each such hop costs a /predict request latency
+# and GIL hand-offs (measured with bench.serve; see docs/benchmarks.md).
+async def settings_dependency() -> Settings:
+    return get_settings()
+
+
+async def job_store_dependency() -> JobStore:
+    return get_job_store()
+
+
+async def artifacts_dependency() -> ArtifactStore:
+    return get_artifacts()
+
+
+async def get_tenant(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-    settings: Annotated[Settings, Depends(get_settings)],
+    settings: Annotated[Settings, Depends(settings_dependency)],
 ) -> str:
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise ApiError(401, "missing 'Authorization: Bearer <api key>' header", "unauthorized")
@@ -48,6 +69,6 @@ def get_tenant(
 
 
 Tenant = Annotated[str, Depends(get_tenant)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-Jobs = Annotated[JobStore, Depends(get_job_store)]
-Artifacts = Annotated[ArtifactStore, Depends(get_artifacts)]
+SettingsDep = Annotated[Settings, Depends(settings_dependency)]
+Jobs = Annotated[JobStore, Depends(job_store_dependency)]
+Artifacts = Annotated[ArtifactStore, Depends(artifacts_dependency)]

@@ -5,7 +5,6 @@ import binascii
 
 from fastapi import APIRouter, Request
 from pydantic import ValidationError
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from app import metrics
@@ -97,7 +96,7 @@ async def predict(request: Request, tenant: Tenant, store: Artifacts,
     if uncertainty:
         require_lqf(record, "uncertainty")
     loaded = await request.app.state.predictors.get(store, model_id, record["model_version"])
-    x = await run_in_threadpool(service.prepare, loaded.predictor, images)
+    x = await service.prepare_async(loaded.predictor, images)
     predictions = await service.predict(loaded, images, top_k, x)
     if uncertainty:
         posteriors = request.app.state.posteriors

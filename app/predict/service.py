@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import io
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from app.config import Settings
 from app.errors import ApiError
 from app.predict.batcher import MicroBatcher
+from app.predict.inference import InferenceProcess
 from lqf_core.data import open_image
 from lqf_core.serving import Predictor
 from worker.store import ArtifactStore
@@ -25,6 +30,7 @@ class Loaded:
     predictor: Predictor
     batcher: MicroBatcher
     version: str
+    directory: Path
 
 
 class PredictorCache:
@@ -34,6 +40,13 @@ class PredictorCache:
         self.settings = settings
         self.size = settings.model_cache_size
         self.executor = ThreadPoolExecutor(settings.predict_threads, thread_name_prefix="predict")
+        # The API process also loads each model: for preprocessing, class names and the
+        # closed-form queries. Batches of predictions run in the inference process.
+        self.inference = (
+            InferenceProcess(settings.predict_device, settings.weights_dir,
+                             settings.model_cache_size, settings.predict_torch_threads)
+            if settings.predict_process else None
+        )
         self._models: OrderedDict[str, Loaded] = OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -51,10 +64,16 @@ class PredictorCache:
                     self.executor, lambda: Predictor.load(
                         directory, device=self.settings.predict_device,
                         weights_dir=self.settings.weights_dir))
-                batcher = MicroBatcher(predictor.predict_batch, self.executor,
+                predict = predictor.predict_batch
+                if self.inference is not None:
+                    await asyncio.get_running_loop().run_in_executor(
+                        self.executor, self.inference.start)
+                    predict = functools.partial(self.inference.predict, directory,
+                                                predictor.model_version or version)
+                batcher = MicroBatcher(predict, self.executor,
                                        self.settings.predict_max_batch,
                                        self.settings.predict_max_wait_ms / 1000)
-                loaded = Loaded(predictor, batcher, predictor.model_version or version)
+                loaded = Loaded(predictor, batcher, predictor.model_version or version, directory)
                 self._models[model_id] = loaded
                 while len(self._models) > self.size:
                     _, old = self._models.popitem(last=False)
@@ -66,12 +85,41 @@ class PredictorCache:
         loaded = self._models.pop(model_id, None)
         if loaded is not None:
             asyncio.ensure_future(loaded.batcher.close())
+            if self.inference is not None:  # in the predict thread: never block the loop
+                self.executor.submit(self.inference.evict, loaded.directory)
 
     async def close(self) -> None:
         for loaded in self._models.values():
             await loaded.batcher.close()
         self._models.clear()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.inference is not None:
+            self.inference.close()
+
+
+# Decoding a few small images takes less time than a thread-pool hop; bigger ones would
+# hold up the event loop, so they are decoded in a thread.
+INLINE_DECODE_PIXELS = 256 * 256
+
+
+def decodes_quickly(images: list[tuple[str, bytes]]) -> bool:
+    """True when the images' headers say they are small in total (no pixel decoded)."""
+    total = 0
+    for _, data in images:
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                total += img.width * img.height
+        except Exception:  # unreadable: the threaded path reports it properly
+            return False
+        if total > INLINE_DECODE_PIXELS:
+            return False
+    return True
+
+
+async def prepare_async(predictor: Predictor, images: list[tuple[str, bytes]]) -> torch.Tensor:
+    if decodes_quickly(images):
+        return prepare(predictor, images)
+    return await run_in_threadpool(prepare, predictor, images)
 
 
 def prepare(predictor: Predictor, images: list[tuple[str, bytes]]) -> torch.Tensor:
@@ -83,7 +131,7 @@ def prepare(predictor: Predictor, images: list[tuple[str, bytes]]) -> torch.Tens
 async def predict(loaded: Loaded, images: list[tuple[str, bytes]],
                   top_k: int | None, x: torch.Tensor | None = None) -> list[dict[str, Any]]:
     if x is None:
-        x = await run_in_threadpool(prepare, loaded.predictor, images)
+        x = await prepare_async(loaded.predictor, images)
     probs: np.ndarray = await loaded.batcher.submit(x)
     names = loaded.predictor.class_names
     k = min(top_k or len(names), len(names))
