@@ -43,3 +43,6 @@ def configure_logging(level: str = "INFO", json_logs: bool = True) -> None:
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = True
+        # uvicorn sets its loggers to INFO itself: inherit the root's level instead, so
+        # that LQF_LOG_LEVEL=WARNING also silences the per-request access lines.
+        logger.setLevel(logging.NOTSET)

@@ -61,12 +61,19 @@ def write_json(path: Path, data: Any) -> None:
         raise
 
 
+RECORD_CACHE_SIZE = 1024
+
+
 class ArtifactStore:
     def __init__(self, root: Path | str):
         self.root = Path(root)
         self.datasets = self.root / "datasets"
         self.models = self.root / "models"
         self.tmp = self.root / ".tmp"
+        # Model records never change once published (staged, then renamed into place), so
+        # a parsed record stays valid while its file is the same one: /predict reads the
+        # record on every request, and a stat is cheaper than a read and a parse.
+        self._records: dict[str, tuple[tuple[int, int], dict[str, Any]]] = {}
 
     def ensure(self) -> ArtifactStore:
         for path in (self.datasets, self.models, self.tmp):
@@ -153,9 +160,20 @@ class ArtifactStore:
 
     def model_record(self, model_id: str) -> dict[str, Any] | None:
         try:
-            return read_json(self.model_dir(model_id) / "record.json")
+            path = self.model_dir(model_id) / "record.json"
+            stat = path.stat()
+            key = (stat.st_ino, stat.st_mtime_ns)
+            cached = self._records.get(model_id)
+            if cached is not None and cached[0] == key:
+                return cached[1]
+            record = read_json(path)
         except (KeyError, FileNotFoundError):
+            self._records.pop(model_id, None)
             return None
+        if len(self._records) >= RECORD_CACHE_SIZE:
+            self._records.pop(next(iter(self._records)))
+        self._records[model_id] = (key, record)
+        return record
 
     def list_model_records(self, tenant: str) -> list[dict[str, Any]]:
         return self._list(self.models, "record.json", tenant)
