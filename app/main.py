@@ -79,8 +79,9 @@ def create_app() -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    for router in (ops_router, datasets_router, jobs_router, models_router, queries_router,
-                   predict_router):
+    # Routes match in this order: the hot path (/predict) first.
+    for router in (predict_router, ops_router, datasets_router, jobs_router, models_router,
+                   queries_router):
         app.include_router(router)
     app.add_middleware(BodySizeLimit, limit=settings.max_upload_bytes)
     app.add_middleware(MetricsMiddleware)
