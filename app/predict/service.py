@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import io
+import logging
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from app.predict.inference import InferenceProcess
 from lqf_core.data import open_image
 from lqf_core.serving import Predictor
 from worker.store import ArtifactStore
+
+log = logging.getLogger("lqf.api")
 
 
 @dataclass
@@ -65,9 +68,7 @@ class PredictorCache:
                         directory, device=self.settings.predict_device,
                         weights_dir=self.settings.weights_dir))
                 predict = predictor.predict_batch
-                if self.inference is not None:
-                    await asyncio.get_running_loop().run_in_executor(
-                        self.executor, self.inference.start)
+                if self.inference is not None and await self._inference_started():
                     predict = functools.partial(self.inference.predict, directory,
                                                 predictor.model_version or version)
                 batcher = MicroBatcher(predict, self.executor,
@@ -80,6 +81,20 @@ class PredictorCache:
                     await old.batcher.close()
         self._locks.pop(model_id, None)
         return loaded
+
+    async def _inference_started(self) -> bool:
+        """Start the inference process; if this API process cannot spawn one (e.g. it was
+        started from a script without a `__main__` guard), predict in a thread instead."""
+        assert self.inference is not None
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.executor, self.inference.start)
+            return True
+        except Exception as exc:
+            log.warning("no inference process, predicting in the API process",
+                        extra={"error": repr(exc)})
+            self.inference.close()
+            self.inference = None
+            return False
 
     def evict(self, model_id: str) -> None:
         loaded = self._models.pop(model_id, None)
