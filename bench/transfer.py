@@ -74,9 +74,10 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
     "lqf-no-kfac": _LQF_GRID,
 }
 
-# `--lqf-grid max_iters`: a study grid for the LQF family (same budget, 2 candidates) that
-# selects the solver's iteration budget instead of the head's ridge penalty. bench.solver
-# saw validation accuracy peak after 5-10 PCG iterations, not at 30 (docs/benchmarks.md).
+# The LQF family's grid (`--lqf-grid max_iters`, the default and the recorded run): the
+# same budget of 2 candidates, selecting the solver's iteration budget. bench.solver saw
+# validation accuracy peak after 5-10 PCG iterations, not at 30 (docs/benchmarks.md).
+# `--lqf-grid probe_l2` is session 2's grid (docs/results/transfer-session2.md).
 _LQF_ITERS_GRID = [
     {"suffix_blocks": 2, "probe_l2": 10.0, "weight_decay": 1e-3, "max_iters": m} for m in (10, 30)
 ]
@@ -352,8 +353,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--test-size", type=int)
-    parser.add_argument("--lqf-grid", choices=("probe_l2", "max_iters"), default="probe_l2",
-                        help="what the LQF family's two candidates vary (default: probe_l2)")
+    parser.add_argument("--lqf-grid", choices=("probe_l2", "max_iters"), default="max_iters",
+                        help="what the LQF family's two candidates vary: the iteration budget "
+                             "(default, the recorded run) or session 2's head ridge penalty")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--out", type=Path, help="JSON output; the .md goes next to it")
     parser.add_argument("--remeasure-throughput", action="store_true",
