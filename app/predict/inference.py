@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from app.errors import ApiError
+from lqf_core.serving import Predictor
 
 log = logging.getLogger("lqf.api")
 
@@ -47,7 +48,7 @@ class InferenceProcess:
         return self._process.pid if self._process is not None else None
 
     def start(self) -> None:
-        """Start the child now (it imports torch while the API finishes starting)."""
+        """Start the child if it is not running (its torch import takes a few seconds)."""
         with self._lock:
             self._ensure_started()
 
@@ -116,8 +117,6 @@ class InferenceProcess:
 def serve(conn: Connection, device: str, weights_dir: str | None, cache_size: int,
           torch_threads: int) -> None:
     """The child's loop: answer ("predict", dir, version, x) until ("stop",) or EOF."""
-    from lqf_core.serving import Predictor  # the child's own import of torch and the models
-
     if torch_threads > 0:
         torch.set_num_threads(torch_threads)
 

@@ -98,7 +98,7 @@ async def predict(request: Request, tenant: Tenant, store: Artifacts,
         require_lqf(record, "uncertainty")
     loaded = await request.app.state.predictors.get(store, model_id, record["model_version"])
     x = await service.prepare_async(loaded.predictor, images)
-    predictions = await service.predict(loaded, images, top_k, x)
+    predictions = await service.predict(loaded, x, top_k)
     if uncertainty:
         posteriors = request.app.state.posteriors
         entry = await posteriors.get(store, record, request.app.state.predictors)

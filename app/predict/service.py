@@ -143,10 +143,8 @@ def prepare(predictor: Predictor, images: list[tuple[str, bytes]]) -> torch.Tens
                         for name, data in images])
 
 
-async def predict(loaded: Loaded, images: list[tuple[str, bytes]],
-                  top_k: int | None, x: torch.Tensor | None = None) -> list[dict[str, Any]]:
-    if x is None:
-        x = await prepare_async(loaded.predictor, images)
+async def predict(loaded: Loaded, x: torch.Tensor, top_k: int | None) -> list[dict[str, Any]]:
+    """Preprocessed images (see prepare_async) -> one prediction each, via the batcher."""
     probs: np.ndarray = await loaded.batcher.submit(x)
     names = loaded.predictor.class_names
     k = min(top_k or len(names), len(names))
