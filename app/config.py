@@ -23,13 +23,16 @@ class Settings(CommonSettings):
     max_predict_images: int = 64
     predict_max_batch: int = 32
     predict_max_wait_ms: float = 5.0
-    # One batch at a time: a batch already uses every core through torch's intra-op
-    # threads, and the batcher fills the next batch while this one runs.
-    predict_threads: int = 1
-    # Run the forward passes in a child process (app/predict/inference.py): in the API
-    # process they compete with request handling for the GIL. False: in a thread here.
+    # Forward passes run in inference processes (app/predict/inference.py), one batch in
+    # flight per process. False: in a thread of the API process, where they compete with
+    # request handling for the GIL (debugging only).
     predict_process: bool = True
-    # Intra-op threads of the inference process; 0 keeps torch's default (OMP_NUM_THREADS).
+    # How many inference processes; 0 = automatic: one per CPU core (at most 4) when
+    # predicting on the CPU, one on a GPU. Several single-threaded processes beat one
+    # process with as many threads: torch's intra-op threads scale poorly on these small
+    # batches (docs/benchmarks.md, serving).
+    predict_processes: int = 0
+    # Intra-op threads of each inference process; 0 = the cores shared out among them.
     predict_torch_threads: int = 0
     model_cache_size: int = 4
     weights_dir: Path | None = None

@@ -19,12 +19,15 @@ One run does everything on this machine, talking only to 127.0.0.1:
      and times batches of the batcher's max batch on the same images, already decoded and
      preprocessed (the model alone), before and after the HTTP levels; their mean is the
      reference of the headline ratio HTTP(32) / in-process. Also timed: batches of 1 and 8,
-     and decode + preprocess + predict (`predict_proba`) on the encoded images.
+     and decode + preprocess + predict (`predict_proba`) on the encoded images. Then the
+     inference pool's parallelism without HTTP: as many processes as the api's pool, with
+     its threads each, running batches at once (the second, stricter ratio).
   5. Stops everything, prints a table and writes `docs/results/serve[-quick].{json,md}`.
 
-Every torch in the run (this process, api and its inference process, worker) uses
-`--threads` intra-op threads. The client shares the machine's cores with the server: its
-CPU time and the server's (api + inference process) are reported per level.
+This process, the api and the worker use `--threads` intra-op threads; the api's
+inference processes use the pool's shape (app/config.py, `LQF_PREDICT_PROCESSES`). The
+client shares the machine's cores with the server: its CPU time and the server's (api +
+inference processes) are reported per level.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import contextlib
 import io
 import itertools
 import json
+import multiprocessing as mp
 import os
 import platform
 import shlex
@@ -67,6 +71,7 @@ from app.embedded import (
     wait_http,
     worker_command,
 )
+from app.predict.inference import pool_shape
 from bench.fashion_mnist import CLASS_NAMES, few_shot_indices, load_split
 from lqf_core.data import open_image
 from lqf_core.serving import Predictor
@@ -75,6 +80,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
 CONCURRENCY = (1, 8, 32)
 TARGET = 0.70
+# seconds of the parallel in-process measurement, by --quick
+PARALLEL_SECONDS = {False: 10.0, True: 4.0}
 TENANT, QUEUE = "bench", "lqf-bench"
 FINAL = {"succeeded", "failed", "cancelled"}
 
@@ -431,6 +438,48 @@ def in_process_suite(predictor: Predictor, images: list[bytes], max_batch: int,
     return out
 
 
+def _pool_member(directory: str, device: str, threads: int, x: np.ndarray, batch: int,
+                 seconds: float, go: Any, results: Any) -> None:
+    """One process of `in_process_parallel`: warm up, wait for the others, run, report."""
+    torch.set_num_threads(threads)
+    predictor = Predictor.load(directory, device=device)
+    xt = torch.from_numpy(x)
+    batches = [xt[i:i + batch] for i in range(0, len(xt) - batch + 1, batch)] or [xt]
+    predictor.predict_batch(batches[0])
+    results.put("ready")
+    go.wait()
+    done, start = 0, time.perf_counter()
+    for b in itertools.cycle(batches):
+        if time.perf_counter() - start > seconds:
+            break
+        predictor.predict_batch(b)
+        done += len(b)
+    results.put(done / (time.perf_counter() - start))
+
+
+def in_process_parallel(directory: Path, device: str, processes: int, threads: int,
+                        x: torch.Tensor, batch: int, seconds: float) -> dict[str, Any]:
+    """The inference pool's parallelism without HTTP: `processes` processes with `threads`
+    intra-op threads each, all running predict_batch at once on the pool's batch size
+    (the batcher's max batch shared among them); images/s summed."""
+    context = mp.get_context("spawn")
+    go, results = context.Event(), context.Queue()
+    members = [context.Process(target=_pool_member, args=(
+        str(directory), device, threads, x.numpy(), batch, seconds, go, results))
+        for _ in range(processes)]
+    for member in members:
+        member.start()
+    for _ in members:
+        results.get(timeout=300)
+    go.set()
+    rates = [results.get(timeout=seconds + 300) for _ in members]
+    for member in members:
+        member.join()
+    return {"batch": batch, "processes": processes, "threads": threads,
+            "images_per_s": round(sum(rates), 1),
+            "per_process_images_per_s": [round(r, 1) for r in rates]}
+
+
 # --- report ----------------------------------------------------------------------------
 
 
@@ -470,6 +519,10 @@ def table(result: dict[str, Any]) -> str:
             rows.append(f"| {label} | batch {r['batch']} | {r['images_per_s']:.1f} | "
                         f"{100 * r['images_per_s'] / ref:.0f}% | {r['batch_p50_ms']:.1f} "
                         f"(batch) | | {r['batch']} |")
+    par = result["in_process_parallel"]
+    rows.append(f"| in-process, {par['processes']} processes x {par['threads']} threads "
+                f"(the pool's parallelism) | batch {par['batch']} | {par['images_per_s']:.1f} | "
+                f"{100 * par['images_per_s'] / ref:.0f}% | | | {par['batch']} |")
     for r in result["http"]:
         rows.append(f"| HTTP /predict, 1 image/request | {r['concurrency']} clients | "
                     f"{r['images_per_s']:.1f} | {100 * r['images_per_s'] / ref:.0f}% | "
@@ -493,15 +546,19 @@ here, `OMP_NUM_THREADS` for api and worker)
 - Model: {result['model']['backbone']} at {result['model']['image_size']} px, LQF trained \
 through the API in {result['model']['train_seconds']} s on {result['data']['train_images']} \
 {result['data']['source']} images ({result['model']['id']})
-- Dynamic batcher (app/config.py): max batch {b['max_batch']}, max wait {b['max_wait_ms']} ms, \
-{b['predict_threads']} predict threads
+- Dynamic batcher (app/config.py): max batch {b['max_batch']}, max wait {b['max_wait_ms']} ms; \
+{b['processes']} inference processes x {b['torch_threads']} intra-op threads, one batch in \
+flight each
 - Requests: one {result['data']['request_format']} image per request, \
 {result['data']['test_images']} distinct {result['data']['source']} test images; {http}
 
 {table(result)}
 
 **HTTP at 32 clients / in-process (batch {b['max_batch']}, mean of before and after) = \
-{100 * result['ratio_http32_in_process']:.0f}%** (target {100 * TARGET:.0f}%).
+{100 * result['ratio_http32_in_process']:.0f}%** (target {100 * TARGET:.0f}%). Against the \
+pool's parallelism in-process ({result['in_process_parallel']['processes']} processes x \
+{result['in_process_parallel']['threads']} threads, no HTTP): \
+{100 * result['ratio_http32_in_process_parallel']:.0f}%.
 """
 
 
@@ -546,6 +603,8 @@ def main(argv: list[str] | None = None) -> int:
     env_extra = {f"LQF_{k.upper()}": str(v) for k, v in overrides.items()}
     env_extra |= {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
 
+    processes, pool_threads = pool_shape(settings.predict_processes,
+                                         settings.predict_torch_threads, settings.predict_device)
     signal.signal(signal.SIGTERM, _interrupt)
     result: dict[str, Any] = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "git_commit": git_commit(),
@@ -553,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(), "threads": args.threads,
         "batcher": {"max_batch": settings.predict_max_batch,
                     "max_wait_ms": settings.predict_max_wait_ms,
-                    "predict_threads": settings.predict_threads,
+                    "processes": processes, "torch_threads": pool_threads,
                     "device": settings.predict_device},
         "plan": {"requests": plan.requests, "level_cap_s": plan.level_cap_s},
     }
@@ -586,9 +645,14 @@ def main(argv: list[str] | None = None) -> int:
             http.append(http_level(service, record["id"], test_images, args.format, c,
                                    plan.requests[c], plan.level_cap_s))
         print("in-process (after) ...", flush=True)
+        x_test = torch.stack([predictor.preprocess(open_image(b)) for b in test_images])
         after = {f"batch_{max_batch}": in_process(
-            predictor, torch.stack([predictor.preprocess(open_image(b)) for b in test_images]),
-            max_batch, plan.in_process_images, plan.level_cap_s)}
+            predictor, x_test, max_batch, plan.in_process_images, plan.level_cap_s)}
+        print(f"in-process, {processes} processes x {pool_threads} threads ...", flush=True)
+        parallel = in_process_parallel(service.data_dir / "models" / record["id"],
+                                       settings.predict_device, processes, pool_threads,
+                                       x_test, -(-max_batch // processes),
+                                       PARALLEL_SECONDS[args.quick])
     except (RuntimeError, httpx.HTTPError) as exc:
         print(f"benchmark failed: {exc}\n{service.log_tail()}", file=sys.stderr)
         return 1
@@ -604,6 +668,9 @@ def main(argv: list[str] | None = None) -> int:
     result |= {"in_process": {"before": before, "after": after},
                "in_process_reference_images_per_s": round(ref, 1), "http": http,
                "ratio_http32_in_process": round(http[-1]["images_per_s"] / ref, 3),
+               "in_process_parallel": parallel,
+               "ratio_http32_in_process_parallel": round(
+                   http[-1]["images_per_s"] / parallel["images_per_s"], 3),
                "target": TARGET, "runtime_s": round(time.monotonic() - began, 1)}
 
     out = args.out or RESULTS / ("serve-quick.json" if args.quick else "serve.json")

@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from app.config import Settings
 from app.errors import ApiError
 from app.predict.batcher import MicroBatcher
-from app.predict.inference import InferenceProcess
+from app.predict.inference import InferencePool, pool_shape
 from lqf_core.data import open_image
 from lqf_core.serving import Predictor
 from worker.store import ArtifactStore
@@ -42,14 +42,17 @@ class PredictorCache:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.size = settings.model_cache_size
-        self.executor = ThreadPoolExecutor(settings.predict_threads, thread_name_prefix="predict")
+        processes, threads = pool_shape(settings.predict_processes,
+                                        settings.predict_torch_threads, settings.predict_device)
         # The API process also loads each model: for preprocessing, class names and the
-        # closed-form queries. Batches of predictions run in the inference process.
+        # closed-form queries. Batches of predictions run in the inference processes.
         self.inference = (
-            InferenceProcess(settings.predict_device, settings.weights_dir,
-                             settings.model_cache_size, settings.predict_torch_threads)
+            InferencePool(processes, settings.predict_device, settings.weights_dir,
+                          settings.model_cache_size, threads)
             if settings.predict_process else None
         )
+        # A thread per batch in flight (each waits on its process), one for model loads.
+        self.executor = ThreadPoolExecutor(processes + 1, thread_name_prefix="predict")
         self._models: OrderedDict[str, Loaded] = OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -67,13 +70,14 @@ class PredictorCache:
                     self.executor, lambda: Predictor.load(
                         directory, device=self.settings.predict_device,
                         weights_dir=self.settings.weights_dir))
-                predict = predictor.predict_batch
+                predict, concurrency = predictor.predict_batch, 1
                 if self.inference is not None and await self._inference_started():
                     predict = functools.partial(self.inference.predict, directory,
                                                 predictor.model_version or version)
+                    concurrency = self.inference.size
                 batcher = MicroBatcher(predict, self.executor,
                                        self.settings.predict_max_batch,
-                                       self.settings.predict_max_wait_ms / 1000)
+                                       self.settings.predict_max_wait_ms / 1000, concurrency)
                 loaded = Loaded(predictor, batcher, predictor.model_version or version, directory)
                 self._models[model_id] = loaded
                 while len(self._models) > self.size:
@@ -83,14 +87,14 @@ class PredictorCache:
         return loaded
 
     async def _inference_started(self) -> bool:
-        """Start the inference process; if this API process cannot spawn one (e.g. it was
+        """Start the inference processes; if this API process cannot spawn them (e.g. it was
         started from a script without a `__main__` guard), predict in a thread instead."""
         assert self.inference is not None
         try:
             await asyncio.get_running_loop().run_in_executor(self.executor, self.inference.start)
             return True
         except Exception as exc:
-            log.warning("no inference process, predicting in the API process",
+            log.warning("no inference processes, predicting in the API process",
                         extra={"error": repr(exc)})
             self.inference.close()
             self.inference = None

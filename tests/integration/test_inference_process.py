@@ -1,16 +1,18 @@
-"""The inference child process: same numbers as in-process, and it survives being killed."""
+"""The inference child processes: same numbers as in-process, several at once, and they
+survive being killed."""
 
 from __future__ import annotations
 
 import os
 import signal
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
 
 from app.errors import ApiError
-from app.predict.inference import InferenceProcess
+from app.predict.inference import InferencePool, InferenceProcess, pool_shape
 from lqf_core.artifacts import save_model
 from lqf_core.config import TrainConfig
 from lqf_core.errors import InvalidDataError
@@ -67,3 +69,47 @@ def test_errors_in_the_child_reach_the_caller(tmp_path, saved_model, inference):
     assert not isinstance(missing.value, InvalidDataError | ApiError)
     inference.close()
     assert inference.pid is None
+
+
+@pytest.fixture
+def pool():
+    two = InferencePool(2, "cpu", None, cache_size=2, torch_threads=1)
+    yield two
+    two.close()
+
+
+def test_the_pool_answers_concurrent_batches_from_two_processes(saved_model, pool):
+    directory, version, predictor, x = saved_model
+    expected = predictor.predict_batch(x)
+    with ThreadPoolExecutor(4) as threads:
+        outs = list(threads.map(lambda _: pool.predict(directory, version, x), range(8)))
+    assert all(np.array_equal(out, expected) for out in outs)
+    pids = pool.pids
+    assert None not in pids and len(set(pids)) == 2  # both processes served batches
+
+
+def test_a_killed_pool_process_fails_only_its_batch(saved_model, pool):
+    directory, version, predictor, x = saved_model
+    with ThreadPoolExecutor(2) as threads:
+        list(threads.map(lambda _: pool.predict(directory, version, x[:2]), range(4)))
+    victim = pool.pids[0]
+    assert victim is not None
+    os.kill(victim, signal.SIGKILL)
+    failures, answers = 0, []
+    for _ in range(3):  # free processes are handed out in turn: one of the first two dies
+        try:
+            answers.append(pool.predict(directory, version, x[:2]))
+        except ApiError as exc:
+            assert exc.status == 503
+            failures += 1
+    assert failures == 1
+    assert all(np.array_equal(a, predictor.predict_batch(x[:2])) for a in answers)
+    assert victim not in pool.pids
+
+
+def test_pool_shape_defaults():
+    cores = len(os.sched_getaffinity(0))
+    processes, threads = pool_shape(0, 0, "cpu")
+    assert processes == min(cores, 4) and threads == max(1, cores // processes)
+    assert pool_shape(0, 0, "cuda") == (1, cores)
+    assert pool_shape(3, 2, "cpu") == (3, 2)
