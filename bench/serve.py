@@ -540,8 +540,8 @@ def markdown(result: dict[str, Any]) -> str:
 - Date: {result['date']} (git {result['git_commit']}), runtime {result['runtime_s']} s
 - Machine: {m['arch']}, {m['cpu']}, nproc {m['nproc']}, load average at start \
 {m['loadavg_at_start']} (shared machine: absolute numbers are noisy; ratios are from one run)
-- torch {m['torch']}, {result['threads']} intra-op threads everywhere (`torch.set_num_threads` \
-here, `OMP_NUM_THREADS` for api and worker)
+- torch {m['torch']}, {result['threads']} intra-op threads in the benchmark process, the api \
+and the worker; the inference processes as below
 - Command: `{result['command']}`
 - Model: {result['model']['backbone']} at {result['model']['image_size']} px, LQF trained \
 through the API in {result['model']['train_seconds']} s on {result['data']['train_images']} \
