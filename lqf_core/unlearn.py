@@ -3,11 +3,16 @@
 Design (issue 4): everything that depends on the training data is recomputed on the
 remaining items -- the validation split (decided per item id, so the remaining items
 keep their side), the ridge head that is part of the linearization point w0, the
-quadratic around it and its K-FAC factors. Only the solver's *starting point* comes
-from the parent (its weights w0' + dw'), so the result is the optimum a fresh job on
-the remaining data reaches, to the solver's tolerance, in fewer iterations. The frozen
-prefix outputs of the remaining items depend on their images only and are reused
-(`prefix_cache`); the forgotten items' entries are dropped from it.
+quadratic around it and its K-FAC factors.
+
+The solver's starting point comes from the parent (its weights w0' + dw') only when
+the parent's solve converged: then both runs end at the same optimum, to the solver's
+tolerance. When it stopped at `max_iters` first (the default budget is an early stop,
+docs/method.md), the end point depends on the start, and a start fitted on the
+forgotten items would leave their trace in the result. Then the job runs exactly the
+path a fresh job takes, from zero. The frozen prefix outputs of the remaining items
+depend on their images only and are reused (`prefix_cache`); the forgotten items'
+entries are dropped from it.
 
 Linear probes are refit in closed form; fine-tuned networks have no shortcut and are
 retrained from the pre-trained weights.
@@ -62,7 +67,8 @@ def forget(
     if prefix_cache is not None:
         for item in forgotten:
             prefix_cache.pop(item, None)
-    warm = parent if parent.method == Method.LQF else None
+    converged = bool(parent.info.get("solver_converged"))
+    warm = parent if parent.method == Method.LQF and converged else None
     model = train_model(
         images, labels, parent.class_names, parent.config,
         progress=progress, should_stop=should_stop, weights_dir=weights_dir,
@@ -72,4 +78,5 @@ def forget(
         set(forgotten) | set(parent.info.get("forgotten_item_ids", []))
     )
     model.info["parent_id"] = parent_id
+    model.info["warm_started"] = warm is not None
     return model

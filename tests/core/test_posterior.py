@@ -167,6 +167,30 @@ def test_unlearning_equals_fresh_training_without_the_items(backbone, data, trai
     assert child.info["forgotten_item_ids"] == sorted(forgotten)
     # the parent's linearization point depended on the forgotten items: it moved
     assert not torch.equal(child.tensors["head.weight"], model.tensors["head.weight"])
+    assert model.info["solver_converged"] and child.info["warm_started"]
+
+
+def test_unlearning_an_early_stopped_model_replays_the_fresh_path(backbone, data):
+    # Stopped after 3 iterations, far from the optimum: a warm start from the parent
+    # would end elsewhere (and keep a trace of the forgotten items), so forget starts
+    # from zero like a fresh job.
+    x, labels, x_test = data
+    config = CONFIG.replace(max_iters=3)
+    ids = [str(i) for i in range(len(labels))]
+    parent = train_model(x, labels.tolist(), ["a", "b", "c"], config, backbone=backbone,
+                         item_ids=ids)
+    assert not parent.info["solver_converged"]
+    keep = [i for i in range(len(labels)) if i not in (2, 7)]
+    kept_ids = [str(i) for i in keep]
+    child = forget(parent, x[keep], labels[keep].tolist(), kept_ids, ["2", "7"],
+                   backbone=backbone)
+    fresh = train_model(x[keep], labels[keep].tolist(), parent.class_names, config,
+                        backbone=backbone, item_ids=kept_ids)
+    device = torch.device("cpu")
+    out_child = build_classifier(child, backbone, device).logits(torch.cat([x, x_test]))
+    out_fresh = build_classifier(fresh, backbone, device).logits(torch.cat([x, x_test]))
+    assert float((out_child - out_fresh).abs().max()) <= 1e-6
+    assert not child.info["warm_started"]
 
 
 def test_forget_rejects_unknown_or_leaked_items(backbone, data, trained):
