@@ -38,6 +38,13 @@ class Settings(CommonSettings):
     weights_dir: Path | None = None
     predict_device: str = "auto"
 
+    # Label Studio ML backend (/label-studio/{model_id}): task images given as URLs are
+    # fetched only from this Label Studio, with this API key ("Token" auth).
+    label_studio_url: str = ""
+    label_studio_api_key: str = ""
+    label_studio_max_tasks: int = 1000  # tasks per /predict call
+    label_studio_max_image_bytes: int = 32 * 1024 * 1024
+
     # Closed-form queries of lqf models (influence, self-influence, uncertainty)
     exact_query_limit: int = 2000  # CG solves when N*C <= this, else K-FAC
     posterior_cache_size: int = 2

@@ -30,6 +30,8 @@ from .datagen import folder_zip, make_samples
 from .helpers import KEYS, QUEUE, submit, upload, wait_job
 
 ROOT = Path(__file__).resolve().parents[2]
+LABEL_STUDIO_PORT = free_port()
+LABEL_STUDIO_TOKEN = "ls-test-token"
 # Small limits so the bad-input tests can exceed them cheaply.
 LIMITS = {"LQF_MAX_ARCHIVE_FILES": "300", "LQF_MAX_UNCOMPRESSED_BYTES": str(4 * 1024 * 1024),
           "LQF_MAX_UPLOAD_BYTES": str(8 * 1024 * 1024),
@@ -78,6 +80,9 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     redis = RedisServer(root / "redis", persist=False).start()
     port = free_port()
     env = {
+        # A stand-in Label Studio that test_labelstudio.py serves on this port.
+        "LQF_LABEL_STUDIO_URL": f"http://127.0.0.1:{LABEL_STUDIO_PORT}",
+        "LQF_LABEL_STUDIO_API_KEY": LABEL_STUDIO_TOKEN,
         **os.environ,
         "PYTHONPATH": str(ROOT),
         "PYTHONUNBUFFERED": "1",

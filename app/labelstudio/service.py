@@ -1,0 +1,148 @@
+"""Label Studio's ML-backend protocol on top of a trained model: parse the project's
+labeling config, fetch each task's image, answer with `choices` predictions.
+
+Label Studio sends `{"tasks": [...], "label_config": "<View>...</View>"}` to
+`<backend url>/predict` and shows the `result` of each prediction as a pre-annotation.
+An image classifier fits the `<Choices>` control over an `<Image>` object.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+
+from app.errors import ApiError
+
+
+@dataclass(frozen=True)
+class ChoicesControl:
+    """A `<Choices name=... toName=...>` control and the image it labels."""
+
+    from_name: str
+    to_name: str
+    data_key: str  # the task data field holding the image URL ("$image" -> "image")
+    choices: tuple[str, ...]
+
+
+def parse_label_config(label_config: str) -> ChoicesControl:
+    """The first `<Choices>` control that labels an `<Image>`; 422 when there is none."""
+    if not label_config or not label_config.strip():
+        raise _invalid("label_config is empty: send the project's labeling config")
+    try:
+        root = ET.fromstring(label_config)
+    except ET.ParseError as exc:
+        raise _invalid(f"label_config is not valid XML ({exc})") from None
+    images = {el.get("name"): el for el in root.iter() if el.tag == "Image" and el.get("name")}
+    for control in root.iter("Choices"):
+        name, target = control.get("name"), control.get("toName")
+        image = images.get(target)
+        if not name or image is None:
+            continue
+        value = image.get("value", "")
+        if not value.startswith("$") or len(value) < 2:
+            raise _invalid(f"<Image name={target!r}> needs value=\"$field\" naming the task "
+                           f"data field, got {value!r}")
+        choices = tuple(c.get("value") or c.get("alias") or "" for c in control.iter("Choice"))
+        return ChoicesControl(name, target, value[1:], tuple(c for c in choices if c))
+    raise _invalid("label_config has no <Choices> control whose toName is an <Image>: "
+                   "this backend classifies images")
+
+
+def choose(probabilities: dict[str, float], control: ChoicesControl) -> tuple[str, float]:
+    """The most probable class that is also one of the project's choices."""
+    allowed = [c for c in probabilities if c in control.choices] if control.choices else list(
+        probabilities)
+    if not allowed:
+        raise _invalid(f"none of the model's classes {sorted(probabilities)} is a <Choice> of "
+                       f"{control.from_name!r} ({list(control.choices)})")
+    label = max(allowed, key=probabilities.__getitem__)
+    return label, probabilities[label]
+
+
+def prediction(label: str, score: float, control: ChoicesControl, version: str
+               ) -> dict[str, Any]:
+    return {"result": [{"from_name": control.from_name, "to_name": control.to_name,
+                        "type": "choices", "value": {"choices": [label]}, "score": score}],
+            "score": score, "model_version": version}
+
+
+def task_image_source(task: Any, control: ChoicesControl, index: int) -> tuple[str, str]:
+    """(task label for errors, the image URL or data URI) of one task."""
+    if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
+        raise _invalid(f"tasks[{index}] has no 'data' object")
+    name = f"task {task.get('id', index)}"
+    source = task["data"].get(control.data_key)
+    if not isinstance(source, str) or not source:
+        raise _invalid(f"{name}: data field {control.data_key!r} (from the <Image> "
+                       f"value) is missing or not a string")
+    return name, source
+
+
+class ImageFetcher:
+    """Gets task images: data URIs inline; URLs only from the configured Label Studio.
+
+    Fetching any URL a caller names would let the caller make this server request
+    internal addresses (SSRF), so URLs must be on `LQF_LABEL_STUDIO_URL`; relative ones
+    (Label Studio's `/data/upload/...`) are resolved against it and fetched with its
+    API key.
+    """
+
+    def __init__(self, base_url: str, api_key: str, max_bytes: int, timeout_s: float = 30.0):
+        self.base_url = base_url.rstrip("/") + "/" if base_url else ""
+        self.api_key, self.max_bytes, self.timeout_s = api_key, max_bytes, timeout_s
+
+    async def fetch(self, client: httpx.AsyncClient, name: str, source: str) -> bytes:
+        if source.startswith("data:"):
+            return self._data_uri(name, source)
+        url = self._allowed_url(name, source)
+        headers = {"Authorization": f"Token {self.api_key}"} if self.api_key else {}
+        try:
+            async with client.stream("GET", url, headers=headers,
+                                     timeout=self.timeout_s) as response:
+                if response.status_code != 200:
+                    raise _invalid(f"{name}: {url} answered HTTP {response.status_code}")
+                body = bytearray()
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) > self.max_bytes:
+                        raise ApiError(413, f"{name}: {url} is larger than {self.max_bytes} "
+                                            "bytes", "image_too_large")
+                return bytes(body)
+        except httpx.HTTPError as exc:
+            raise _invalid(f"{name}: could not fetch {url} ({exc.__class__.__name__})") from None
+
+    def _data_uri(self, name: str, source: str) -> bytes:
+        header, sep, payload = source.partition(",")
+        if not sep or not header.endswith(";base64"):
+            raise _invalid(f"{name}: only base64 data URIs are supported")
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise _invalid(f"{name}: the data URI is not valid base64") from None
+        if len(data) > self.max_bytes:
+            raise ApiError(413, f"{name}: image larger than {self.max_bytes} bytes",
+                           "image_too_large")
+        return data
+
+    def _allowed_url(self, name: str, source: str) -> str:
+        if not self.base_url:
+            raise _invalid(f"{name}: the image is a URL ({source[:100]}); set "
+                           "LQF_LABEL_STUDIO_URL (and LQF_LABEL_STUDIO_API_KEY) so this "
+                           "server may fetch it from Label Studio, or import images as data "
+                           "URIs")
+        url = urljoin(self.base_url, source)
+        base, target = urlsplit(self.base_url), urlsplit(url)
+        if (target.scheme, target.netloc) != (base.scheme, base.netloc):
+            raise _invalid(f"{name}: {source[:100]} is not on LQF_LABEL_STUDIO_URL "
+                           f"({self.base_url}); only Label Studio's own files are fetched")
+        return url
+
+
+def _invalid(message: str) -> ApiError:
+    return ApiError(422, message, "invalid_label_studio_request")
