@@ -145,7 +145,8 @@ class InferencePool:
             process.start()
 
     def predict(self, directory: Path, version: str, x: torch.Tensor) -> np.ndarray:
-        process = self._free.get()  # the batcher never has more batches out than processes
+        # Waits while every process is busy (e.g. batches of several models at once).
+        process = self._free.get()
         try:
             return process.predict(directory, version, x)
         finally:

@@ -1,0 +1,108 @@
+"""LQF defaults study on held-out training-pool images (never the test set).
+
+    python -m bench.lqf_defaults            # -> docs/results/lqf-defaults.{json,md}
+
+For each seed, it draws the 100-shot training set as `bench.transfer` does, trains LQF
+on all of it with each candidate setting (one change from the defaults at a time), and
+measures accuracy on `--dev-size` other images of the Fashion-MNIST *training* pool
+(disjoint from every seed's training set). The t10k test set that `bench.transfer`
+reports is not read. It is a development study to pick which settings the transfer
+benchmark's validation-based selection should choose among; its own per-run selection
+stays on each run's validation split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.fashion_mnist import CLASS_NAMES, few_shot_indices, load_split, to_tensor
+from bench.transfer import machine_info
+from lqf_core.backbones import load_backbone
+from lqf_core.classifier import build_classifier
+from lqf_core.config import TrainConfig
+from lqf_core.train import train_model
+
+# One change from the defaults per candidate.
+CANDIDATES: dict[str, dict] = {
+    "defaults": {},
+    "suffix_blocks=3": {"suffix_blocks": 3},
+    "suffix_blocks=4": {"suffix_blocks": 4},
+    "weight_decay=1e-2": {"weight_decay": 1e-2},
+    "max_iters=5": {"max_iters": 5},
+    "kappa=2": {"kappa": 2.0},
+}
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.lqf_defaults", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shots", type=int, default=100)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--dev-size", type=int, default=2000)
+    parser.add_argument("--out", type=Path, default=Path("docs/results/lqf-defaults.json"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    backbone = load_backbone("mobilenet_v2")
+    x_pool, y_pool = load_split("train")
+    used = np.unique(np.concatenate([few_shot_indices(y_pool, args.shots, s)
+                                     for s in args.seeds]))
+    rest = np.setdiff1d(np.arange(len(y_pool)), used)
+    dev = np.random.default_rng(12345).choice(rest, args.dev_size, replace=False)
+    x_dev = to_tensor(x_pool[dev], 64, backbone.mean, backbone.std)
+    y_dev = torch.from_numpy(y_pool[dev])
+    runs = []
+    for seed in args.seeds:
+        idx = few_shot_indices(y_pool, args.shots, seed)
+        x = to_tensor(x_pool[idx], 64, backbone.mean, backbone.std)
+        labels = y_pool[idx].tolist()
+        for name, change in CANDIDATES.items():
+            config = TrainConfig.from_dict({"method": "lqf", "seed": seed, "device": "cpu",
+                                            "val_fraction": 0.0, **change})
+            started = time.monotonic()
+            model = train_model(x, labels, CLASS_NAMES, config, backbone=backbone)
+            seconds = time.monotonic() - started
+            with torch.no_grad():
+                logits = build_classifier(model, backbone, torch.device("cpu")).logits(x_dev)
+            acc = float((logits.argmax(1) == y_dev).float().mean())
+            runs.append({"candidate": name, "seed": seed, "dev_accuracy": acc,
+                         "train_seconds": seconds, "settings": change})
+            log(f"seed {seed} {name}: dev accuracy {acc:.4f} ({seconds:.1f} s)")
+    meta = {"command": "python -m bench.lqf_defaults", "shots": args.shots,
+            "seeds": args.seeds, "dev_size": args.dev_size, "machine": machine_info(),
+            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"meta": meta, "runs": runs}, indent=1) + "\n")
+    args.out.with_suffix(".md").write_text(markdown(runs, meta))
+    print(markdown(runs, meta))
+
+
+def markdown(runs: list[dict], meta: dict) -> str:
+    rows = ["| candidate | " + " | ".join(f"seed {s}" for s in meta["seeds"])
+            + " | mean | train s (mean) |", "|---|" + "---|" * (len(meta["seeds"]) + 2)]
+    for name in CANDIDATES:
+        mine = [r for r in runs if r["candidate"] == name]
+        accs = [100 * r["dev_accuracy"] for r in mine]
+        seconds = np.mean([r["train_seconds"] for r in mine])
+        rows.append(f"| {name} | " + " | ".join(f"{a:.2f}" for a in accs)
+                    + f" | {np.mean(accs):.2f} | {seconds:.1f} |")
+    return (f"# LQF defaults study\n\n`{meta['command']}` — {meta['date']}, "
+            f"{meta['machine'].get('cpu', '')}\n\nDev accuracy (%) on {meta['dev_size']} "
+            f"Fashion-MNIST training-pool images outside every seed's {meta['shots']}-shot "
+            "training set (the test set is not used); LQF trained on the whole training "
+            "set, one change from the defaults per row.\n\n" + "\n".join(rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()
