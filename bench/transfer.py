@@ -74,17 +74,18 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
     "lqf-no-kfac": _LQF_GRID,
 }
 
-# The LQF family's grid (`--lqf-grid max_iters`, the default and the recorded run): the
-# same budget of 2 candidates, selecting the solver's iteration budget. bench.solver saw
-# validation accuracy peak after 5-10 PCG iterations, not at 30 (docs/benchmarks.md).
+# Session 3's LQF family grid (`--lqf-grid max_iters`): the same budget of 2 candidates,
+# selecting the solver's iteration budget. bench.solver saw validation accuracy peak
+# after 5-10 PCG iterations, not at 30 (docs/benchmarks.md).
 # `--lqf-grid probe_l2` is session 2's grid (docs/results/transfer-session2.md).
 _LQF_ITERS_GRID = [
     {"suffix_blocks": 2, "probe_l2": 10.0, "weight_decay": 1e-3, "max_iters": m} for m in (10, 30)
 ]
 
-# `--lqf-grid suffix_blocks` (session 4): the same budget of 2 candidates over how many
-# blocks are linearized. bench.lqf_defaults (held-out training-pool images, not the test
-# set) measured +2 points at 100 shots for 4 blocks over 2, on both seeds it ran.
+# `--lqf-grid suffix_blocks` (session 4, the default and the recorded run): the same
+# budget of 2 candidates over how many blocks are linearized. bench.lqf_defaults
+# (held-out training-pool images, not the test set) measured +2 points at 100 shots for
+# 4 blocks over 2, on both seeds it ran.
 _LQF_SUFFIX_GRID = [
     {"suffix_blocks": k, "probe_l2": 10.0, "weight_decay": 1e-3, "max_iters": 10} for k in (2, 4)
 ]
@@ -362,10 +363,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--test-size", type=int)
     parser.add_argument("--lqf-grid", choices=("probe_l2", "max_iters", "suffix_blocks"),
-                        default="max_iters",
-                        help="what the LQF family's two candidates vary: the iteration budget "
-                             "(default), the linearized blocks (2 or 4) or session 2's head "
-                             "ridge penalty")
+                        default="suffix_blocks",
+                        help="what the LQF family's two candidates vary: the linearized "
+                             "blocks, 2 or 4 (default, the recorded run), session 3's "
+                             "iteration budget or session 2's head ridge penalty")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--out", type=Path, help="JSON output; the .md goes next to it")
     parser.add_argument("--remeasure-throughput", action="store_true",
