@@ -151,19 +151,26 @@ def test_posterior_refuses_other_training_data(trained, backbone):
         LQFPosterior(model, backbone, z[1:], post.labels[1:].cpu())
 
 
-@pytest.mark.parametrize("forgotten", [["4"], ["1", "9", "11"]])
-def test_unlearning_equals_fresh_training_without_the_items(backbone, data, trained, forgotten):
-    model, _, _ = trained
+def forget_versus_fresh(parent, config, forgotten, backbone, data):
+    """(the forget job's model, max |output difference| on training and test inputs
+    from a fresh training on the remaining items)."""
     x, labels, x_test = data
     keep = [i for i in range(len(labels)) if str(i) not in forgotten]
     ids = [str(i) for i in keep]
-    child = forget(model, x[keep], labels[keep].tolist(), ids, forgotten, backbone=backbone)
-    fresh = train_model(x[keep], labels[keep].tolist(), model.class_names, CONFIG,
+    child = forget(parent, x[keep], labels[keep].tolist(), ids, forgotten, backbone=backbone)
+    fresh = train_model(x[keep], labels[keep].tolist(), parent.class_names, config,
                         backbone=backbone, item_ids=ids)
-    device = torch.device("cpu")
-    out_child = build_classifier(child, backbone, device).logits(torch.cat([x, x_test]))
-    out_fresh = build_classifier(fresh, backbone, device).logits(torch.cat([x, x_test]))
-    assert float((out_child - out_fresh).abs().max()) <= 1e-6
+    device, inputs = torch.device("cpu"), torch.cat([x, x_test])
+    out_child = build_classifier(child, backbone, device).logits(inputs)
+    out_fresh = build_classifier(fresh, backbone, device).logits(inputs)
+    return child, float((out_child - out_fresh).abs().max())
+
+
+@pytest.mark.parametrize("forgotten", [["4"], ["1", "9", "11"]])
+def test_unlearning_equals_fresh_training_without_the_items(backbone, data, trained, forgotten):
+    model, _, _ = trained
+    child, difference = forget_versus_fresh(model, CONFIG, forgotten, backbone, data)
+    assert difference <= 1e-6
     assert child.info["forgotten_item_ids"] == sorted(forgotten)
     # the parent's linearization point depended on the forgotten items: it moved
     assert not torch.equal(child.tensors["head.weight"], model.tensors["head.weight"])
@@ -174,22 +181,14 @@ def test_unlearning_an_early_stopped_model_replays_the_fresh_path(backbone, data
     # Stopped after 3 iterations, far from the optimum: a warm start from the parent
     # would end elsewhere (and keep a trace of the forgotten items), so forget starts
     # from zero like a fresh job.
-    x, labels, x_test = data
+    x, labels, _ = data
     config = CONFIG.replace(max_iters=3)
     ids = [str(i) for i in range(len(labels))]
     parent = train_model(x, labels.tolist(), ["a", "b", "c"], config, backbone=backbone,
                          item_ids=ids)
     assert not parent.info["solver_converged"]
-    keep = [i for i in range(len(labels)) if i not in (2, 7)]
-    kept_ids = [str(i) for i in keep]
-    child = forget(parent, x[keep], labels[keep].tolist(), kept_ids, ["2", "7"],
-                   backbone=backbone)
-    fresh = train_model(x[keep], labels[keep].tolist(), parent.class_names, config,
-                        backbone=backbone, item_ids=kept_ids)
-    device = torch.device("cpu")
-    out_child = build_classifier(child, backbone, device).logits(torch.cat([x, x_test]))
-    out_fresh = build_classifier(fresh, backbone, device).logits(torch.cat([x, x_test]))
-    assert float((out_child - out_fresh).abs().max()) <= 1e-6
+    child, difference = forget_versus_fresh(parent, config, ["2", "7"], backbone, data)
+    assert difference <= 1e-6
     assert not child.info["warm_started"]
 
 
