@@ -31,6 +31,9 @@ from lqf_core.linearize import batches
 from lqf_core.lqf import build_lqf_problem, kfac_preconditioner, solve_quadratic
 from lqf_core.train import split_by_item
 
+# The quadratic this study was recorded on (docs/results/solver.*): 2 linearized blocks, the
+# default of the time (mobilenet_v2's default is now 4).
+SUFFIX_BLOCKS = 2
 CHECKPOINTS = (0, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 400)
 
 
@@ -40,7 +43,7 @@ def log(message: str) -> None:
 
 def study(lam: float, probe_l2: float, z_fit: torch.Tensor, y_fit: torch.Tensor,
           z_val: torch.Tensor, y_val: torch.Tensor, iters: int, backbone) -> dict:
-    config = TrainConfig(weight_decay=lam, probe_l2=probe_l2)
+    config = TrainConfig(weight_decay=lam, probe_l2=probe_l2, suffix_blocks=SUFFIX_BLOCKS)
     setup = build_lqf_problem(backbone, z_fit, y_fit, 10, config, torch.device("cpu"))
     started = time.monotonic()
     precond = kfac_preconditioner(setup.problem)
@@ -107,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     backbone = load_backbone("mobilenet_v2")
     x_pool, y_pool = load_split("train")
     idx = few_shot_indices(y_pool, args.shots, args.seed)
-    config = TrainConfig()
+    config = TrainConfig(suffix_blocks=SUFFIX_BLOCKS)
     x = to_tensor(x_pool[idx], config.image_size, backbone.mean, backbone.std)
     y = torch.as_tensor(y_pool[idx])
     fit, val = split_by_item(y.tolist(), [str(i) for i in idx], config.val_fraction, args.seed)

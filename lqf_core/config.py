@@ -45,9 +45,10 @@ class TrainConfig:
 
     # LQF (DESIGN.md §1)
     leaky_slope: float = 0.1  # 0 keeps the original ReLU (ablation)
-    # last k feature blocks linearized, plus the head. bench.transfer's validation keeps 2
-    # at 5-25 images per class and picks 4 at 100 (+1.4 points, 2.6x training time).
-    suffix_blocks: int = 2
+    # Last k feature blocks linearized, plus the head. None: the backbone's own default
+    # (mobilenet_v2: 4, which bench.transfer's validation chose in every 100-shot run and
+    # tied with 2 below that; resnets and tiny_cnn: 2). The trained model records the value.
+    suffix_blocks: int | None = None
     kappa: float = 5.0  # targets are kappa * onehot
     weight_decay: float = 1e-3  # lambda in lambda/2 ||delta_w||^2
     # Ridge penalty of the head initialisation, relative to the feature scale (see probe.py).
@@ -103,7 +104,8 @@ class TrainConfig:
             ("val_fraction", 0.0 <= self.val_fraction < 0.9, "in [0, 0.9)"),
             ("batch_size", 1 <= self.batch_size <= 4096, "between 1 and 4096"),
             ("leaky_slope", 0.0 <= self.leaky_slope < 1.0, "in [0, 1)"),
-            ("suffix_blocks", 0 <= self.suffix_blocks <= 64, "between 0 and 64"),
+            ("suffix_blocks", self.suffix_blocks is None or 0 <= self.suffix_blocks <= 64,
+             "null (the backbone's default) or between 0 and 64"),
             ("kappa", self.kappa > 0, "positive"),
             ("weight_decay", self.weight_decay > 0, "positive"),
             ("probe_l2", self.probe_l2 > 0, "positive"),
@@ -128,6 +130,8 @@ _ENUMS: dict[str, type[Enum]] = {"Method": Method, "LQFLoss": LQFLoss, "ProbeKin
 
 def _coerce(name: str, type_name: Any, value: Any) -> Any:
     type_name = type_name if isinstance(type_name, str) else getattr(type_name, "__name__", "")
+    if type_name.endswith(" | None"):
+        return None if value is None else _coerce(name, type_name.removesuffix(" | None"), value)
     if type_name in _ENUMS:
         enum = _ENUMS[type_name]
         try:

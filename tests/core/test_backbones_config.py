@@ -68,3 +68,21 @@ def test_config_from_dict_validates():
     with pytest.raises(InvalidConfigError, match="kappa must be positive"):
         TrainConfig.from_dict({"kappa": 0})
     assert TrainConfig.from_dict(config.to_dict()) == config
+
+
+def test_unset_suffix_takes_the_backbones_default_and_the_model_records_it():
+    from lqf_core.train import train_model
+
+    assert TrainConfig.from_dict({"suffix_blocks": None}).suffix_blocks is None
+    with pytest.raises(InvalidConfigError, match="suffix_blocks must be an integer"):
+        TrainConfig.from_dict({"suffix_blocks": "4"})
+    tiny = load_backbone("tiny_cnn")
+    x = torch.randn(8, 3, 16, 16)
+    labels = [0, 1] * 4
+    base = {"backbone": "tiny_cnn", "image_size": 16, "val_fraction": 0.0, "max_iters": 2}
+    unset = train_model(x, labels, ["a", "b"], TrainConfig.from_dict(base), backbone=tiny)
+    assert unset.config.suffix_blocks == tiny.default_suffix_blocks
+    explicit = train_model(x, labels, ["a", "b"],
+                           TrainConfig.from_dict({**base, "suffix_blocks": 1}), backbone=tiny)
+    assert explicit.config.suffix_blocks == 1
+    assert explicit.info["num_linearized_params"] < unset.info["num_linearized_params"]
