@@ -114,8 +114,6 @@ class MicroBatcher:
             start = end
 
 
-
-
 def split(batch: list[Request], parts: int) -> list[list[Request]]:
     """`parts` consecutive groups of requests with about the same number of images."""
     total = sum(x.shape[0] for x, _ in batch)
