@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from lqf_core.backbones import Backbone
 from lqf_core.classifier import lqf_network
-from lqf_core.config import TrainConfig
+from lqf_core.config import LQFLoss, TrainConfig
 from lqf_core.errors import TrainingCancelled
 from lqf_core.kfac import KFACPreconditioner, compute_kfac_factors
 from lqf_core.linearize import LinearizedNet, batches
@@ -198,6 +198,49 @@ def solve_quadratic(
         should_stop=should_stop,
         on_iterate=on_iterate,
     )
+
+
+@dataclass
+class LQFFit:
+    """A fitted LQF model: its linearization point and quadratic, dw, and solver facts."""
+
+    setup: LQFSetup
+    delta: torch.Tensor
+    info: dict
+
+
+def fit_lqf(backbone: Backbone, z: torch.Tensor, y: torch.Tensor, num_classes: int,
+            config: TrainConfig, device: torch.device, *,
+            on_kfac: Callable[[int, int], None] | None = None,
+            on_step: Callable[[int, dict[str, float]], None] | None = None,
+            should_stop: Callable[[], bool] | None = None,
+            warm_start: TrainedModel | None = None) -> LQFFit:
+    """Fit LQF on cached prefix outputs z: ridge head, linearization, K-FAC, then the
+    PCG solve of the quadratic (or the cross-entropy ablation). What a training job does
+    after the prefix pass, so that other code can refit exactly as a job would."""
+    setup = build_lqf_problem(backbone, z, y, num_classes, config, device)
+    problem = setup.problem
+    precond = kfac_preconditioner(problem, on_batch=on_kfac) if config.use_kfac else None
+    info: dict = {"num_linearized_params": setup.lin.num_params}
+    if config.loss == LQFLoss.MSE:
+        x0 = setup.warm_start_from(warm_start) if warm_start is not None else None
+        result = solve_quadratic(
+            problem, precond, config.tol, config.max_iters, x0=x0,
+            callback=None if on_step is None else (
+                lambda i, r: on_step(i, {"relative_grad_norm": r})),
+            should_stop=should_stop,
+        )
+        delta = result.x
+        info.update(solver_iterations=result.iterations,
+                    relative_grad_norm=result.relative_residual,
+                    solver_converged=result.converged)
+    else:
+        delta = fit_cross_entropy(
+            problem, y.to(device), precond, config.max_iters,
+            callback=None if on_step is None else (lambda i, loss: on_step(i, {"loss": loss})),
+            should_stop=should_stop,
+        )
+    return LQFFit(setup, delta, info)
 
 
 def fit_cross_entropy(

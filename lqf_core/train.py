@@ -25,17 +25,11 @@ from lqf_core.calibration import (
     negative_log_likelihood,
 )
 from lqf_core.classifier import build_classifier
-from lqf_core.config import LQFLoss, Method, ProbeKind, TrainConfig
+from lqf_core.config import Method, ProbeKind, TrainConfig
 from lqf_core.data import ImageSource
 from lqf_core.errors import InvalidConfigError, InvalidDataError, TrainingCancelled
 from lqf_core.linearize import batches
-from lqf_core.lqf import (
-    PrefixCache,
-    build_lqf_problem,
-    fit_cross_entropy,
-    kfac_preconditioner,
-    solve_quadratic,
-)
+from lqf_core.lqf import PrefixCache, fit_lqf
 from lqf_core.model import TrainedModel
 from lqf_core.probe import fit_logistic, fit_ridge
 
@@ -53,7 +47,7 @@ class Progress:
 ProgressCallback = Callable[[Progress], None]
 
 
-class _Reporter:
+class Reporter:
     """Forwards progress, at most every `interval` seconds except stage ends."""
 
     def __init__(self, callback: ProgressCallback | None, should_stop: Callable[[], bool] | None,
@@ -121,7 +115,7 @@ def split_by_item(labels: Sequence[int], item_ids: Sequence[str], fraction: floa
 
 
 def _features(module: torch.nn.Module, x: torch.Tensor, device: torch.device, batch_size: int,
-              report: _Reporter, stage: str) -> torch.Tensor:
+              report: Reporter, stage: str) -> torch.Tensor:
     out = []
     total = x.shape[0]
     with torch.no_grad():
@@ -142,16 +136,29 @@ def _fit_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
 
 
 def _train_linear_probe(backbone: Backbone, x: torch.Tensor, y: torch.Tensor, num_classes: int,
-                        config: TrainConfig, device: torch.device, report: _Reporter) -> dict:
+                        config: TrainConfig, device: torch.device, report: Reporter) -> dict:
     net = torch.nn.Sequential(*backbone.blocks).eval().to(device)
     feats = _features(net, x, device, config.batch_size, report, "features")
     w, b = _fit_head(feats, y, num_classes, config)
     return {"head.weight": w, "head.bias": b}
 
 
-def _prefix_outputs(prefix: torch.nn.Module, x: torch.Tensor, ids: Sequence[str],
+def load_inputs(images: Sequence[ImageSource] | torch.Tensor, backbone: Backbone,
+                image_size: int, report: Reporter) -> torch.Tensor:
+    """Images -> the backbone's preprocessed tensor (n, 3, s, s); tensors pass through."""
+    if isinstance(images, torch.Tensor):
+        return images if images.dtype == torch.float64 else images.float()
+    preprocess = backbone.preprocess(image_size)
+    rows = []
+    for i, image in enumerate(images):
+        rows.append(preprocess.batch([image])[0])
+        report("load", i + 1, len(images))
+    return torch.stack(rows)
+
+
+def prefix_outputs(prefix: torch.nn.Module, x: torch.Tensor, ids: Sequence[str],
                     cache: PrefixCache | None, device: torch.device, batch_size: int,
-                    report: _Reporter) -> torch.Tensor:
+                    report: Reporter) -> torch.Tensor:
     """Frozen-prefix outputs z, computed once (and reused across jobs through `cache`)."""
     if cache is None:
         return _features(prefix, x, device, batch_size, report, "features")
@@ -163,35 +170,16 @@ def _prefix_outputs(prefix: torch.nn.Module, x: torch.Tensor, ids: Sequence[str]
 
 
 def _train_lqf(backbone: Backbone, z: torch.Tensor, y: torch.Tensor, num_classes: int,
-               config: TrainConfig, device: torch.device, report: _Reporter,
+               config: TrainConfig, device: torch.device, report: Reporter,
                warm_start: TrainedModel | None) -> tuple[dict, dict, torch.Tensor]:
     """(tensors, info, training-set logits)."""
-    setup = build_lqf_problem(backbone, z, y, num_classes, config, device)
-    problem = setup.problem
-    precond = None
-    if config.use_kfac:
-        precond = kfac_preconditioner(problem, on_batch=lambda i, n: report("kfac", i, n))
-    info: dict = {"num_linearized_params": setup.lin.num_params}
-    if config.loss == LQFLoss.MSE:
-        x0 = setup.warm_start_from(warm_start) if warm_start is not None else None
-        result = solve_quadratic(
-            problem, precond, config.tol, config.max_iters, x0=x0,
-            callback=lambda i, r: report("solve", i, config.max_iters, relative_grad_norm=r),
-            should_stop=report.check_cancel_flag,
-        )
-        delta = result.x
-        info.update(solver_iterations=result.iterations,
-                    relative_grad_norm=result.relative_residual,
-                    solver_converged=result.converged)
-    else:
-        delta = fit_cross_entropy(
-            problem, y.to(device), precond, config.max_iters,
-            callback=lambda i, loss: report("solve", i, config.max_iters, loss=loss),
-            should_stop=report.check_cancel_flag,
-        )
-    outputs = problem.outputs(delta)
-    info["train_loss"] = problem.loss(delta, outputs)
-    return setup.tensors(delta), info, outputs.detach()
+    fit = fit_lqf(backbone, z, y, num_classes, config, device,
+                  on_kfac=lambda i, n: report("kfac", i, n),
+                  on_step=lambda i, metrics: report("solve", i, config.max_iters, **metrics),
+                  should_stop=report.check_cancel_flag, warm_start=warm_start)
+    outputs = fit.setup.problem.outputs(fit.delta)
+    info = {**fit.info, "train_loss": fit.setup.problem.loss(fit.delta, outputs)}
+    return fit.setup.tensors(fit.delta), info, outputs.detach()
 
 
 def train_model(
@@ -224,7 +212,7 @@ def train_model(
     ids = [str(i) for i in range(len(images))] if item_ids is None else [str(i) for i in item_ids]
     if len(set(ids)) != len(ids):
         raise InvalidDataError(f"item ids must be unique, got {len(ids) - len(set(ids))} repeats")
-    report = _Reporter(progress, should_stop)
+    report = Reporter(progress, should_stop)
     started = time.monotonic()
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
@@ -238,15 +226,7 @@ def train_model(
             f"suffix_blocks={config.suffix_blocks} but {backbone.name} has "
             f"{backbone.num_feature_blocks} feature blocks"
         )
-    if isinstance(images, torch.Tensor):
-        x = images if images.dtype == torch.float64 else images.float()
-    else:
-        preprocess = backbone.preprocess(config.image_size)
-        rows = []
-        for i, image in enumerate(images):
-            rows.append(preprocess.batch([image])[0])
-            report("load", i + 1, len(images))
-        x = torch.stack(rows)
+    x = load_inputs(images, backbone, config.image_size, report)
     y = torch.as_tensor(list(labels), dtype=torch.long)
     num_classes = len(class_names)
     fit_idx, val_idx = split_by_item(labels, ids, config.val_fraction, config.seed)
@@ -262,7 +242,7 @@ def train_model(
         tensors = _train_linear_probe(backbone, x_fit, y_fit, num_classes, config, device, report)
     elif config.method == Method.LQF:
         prefix = backbone.split(config.suffix_blocks)[0].to(device)
-        z_fit = _prefix_outputs(prefix, x_fit, info["train_item_ids"], prefix_cache, device,
+        z_fit = prefix_outputs(prefix, x_fit, info["train_item_ids"], prefix_cache, device,
                                 config.batch_size, report)
         tensors, lqf_info, train_logits = _train_lqf(backbone, z_fit, y_fit, num_classes,
                                                      config, device, report, warm_start)

@@ -158,6 +158,10 @@ class JobStore:
         pipe.execute()
         return self.get(job_id) or record, True
 
+    def drop_idempotency_key(self, tenant: str, idempotency_key: str) -> None:
+        """Let the next create with this key make a new job (e.g. a retry after a failure)."""
+        self.r.delete(_k("idem", tenant, idempotency_key))
+
     def get(self, job_id: str) -> dict[str, Any] | None:
         raw = self.r.hgetall(_k("job", job_id))
         return _decode(raw) if raw else None

@@ -8,11 +8,16 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
+
+import torch
 
 from lqf_core.artifacts import load_model, save_model
 from lqf_core.config import TrainConfig
+from lqf_core.crossfit import DEFAULT_FOLDS, cross_fit_model
 from lqf_core.errors import LQFError, TrainingCancelled
 from lqf_core.model import TrainedModel
 from lqf_core.train import Progress, train_model
@@ -130,8 +135,26 @@ class JobFailure(Exception):
         self.code, self.message = code, message
 
 
+@dataclass
+class Outcome:
+    """What a job computed: its metrics, and `store(artifacts, job)`, which writes the
+    result and returns (the model id it belongs to, the path to remove if the job is
+    cancelled before it is marked done)."""
+
+    metrics: dict[str, float]
+    store: Callable[[ArtifactStore, dict[str, Any]], tuple[str, Path]]
+
+
 Compute = Callable[[ArtifactStore, dict[str, Any], WorkerSettings, ProgressReporter, Stopper],
-                   tuple[TrainedModel, TrainConfig]]
+                   Outcome]
+
+
+def _new_model(model: TrainedModel, config: TrainConfig) -> Outcome:
+    def store(artifacts: ArtifactStore, job: dict[str, Any]) -> tuple[str, Path]:
+        model_id = _store_model(artifacts, job, config, model)
+        return model_id, artifacts.model_dir(model_id)
+
+    return Outcome(dict(model.metrics), store)
 
 
 def run_training_job(job_id: str, *, settings: WorkerSettings, worker: str) -> str:
@@ -142,6 +165,11 @@ def run_training_job(job_id: str, *, settings: WorkerSettings, worker: str) -> s
 def run_forget_job(job_id: str, *, settings: WorkerSettings, worker: str) -> str:
     """Claim a forget job, retrain the parent without the items, store the new version."""
     return _run(job_id, settings, worker, _compute_forget)
+
+
+def run_self_influence_job(job_id: str, *, settings: WorkerSettings, worker: str) -> str:
+    """Claim a self-influence job, cross-fit the model, store the scores beside it."""
+    return _run(job_id, settings, worker, _compute_self_influence)
 
 
 def _run(job_id: str, settings: WorkerSettings, worker: str, compute: Compute) -> str:
@@ -188,7 +216,7 @@ def _compute_training(artifacts: ArtifactStore, job: dict[str, Any], settings: W
         paths, labels, class_names, config, progress=progress, should_stop=stopper,
         weights_dir=settings.weights_dir, item_ids=ids,
     )
-    return model, config
+    return _new_model(model, config)
 
 
 def _compute_forget(artifacts: ArtifactStore, job: dict[str, Any], settings: WorkerSettings,
@@ -209,28 +237,72 @@ def _compute_forget(artifacts: ArtifactStore, job: dict[str, Any], settings: Wor
     excluded = {str(i) for i in manifest.get("excluded", [])}
     forgotten = {str(i) for i in job.get("forget_item_ids") or []}
     forgotten |= excluded & set(parent_ids)
-    by_id = {str(it["id"]): it for it in manifest["items"]}
     remaining = [i for i in parent_ids if i not in forgotten]
-    missing = [i for i in remaining if i not in by_id]
-    if missing:
-        raise JobFailure("invalid_data", f"items {missing[:10]} of the parent's training data "
-                                         "are no longer in the dataset")
-    index = {name: k for k, name in enumerate(parent.class_names)}
-    strange = sorted({by_id[i]["label"] for i in remaining} - set(index))
-    if strange:
-        raise JobFailure("invalid_data", f"labels {strange} are not classes of the parent")
-    root = artifacts.dataset_dir(dataset_id)
+    files, labels = _items_of(parent, manifest, remaining, artifacts.dataset_dir(dataset_id))
     config = parent.config
     if settings.device != "auto":
         config = config.replace(device=settings.device)
         parent.config = config
     model = forget(
-        parent, [root / by_id[i]["file"] for i in remaining],
-        [index[by_id[i]["label"]] for i in remaining], remaining, sorted(forgotten),
+        parent, files, labels, remaining, sorted(forgotten),
         progress=progress, should_stop=stopper, weights_dir=settings.weights_dir,
         parent_id=parent_id,
     )
-    return model, config
+    return _new_model(model, config)
+
+
+def _items_of(model: TrainedModel, manifest: dict[str, Any], ids: list[str],
+              root: Path) -> tuple[list[Path], list[int]]:
+    """(image files, class indices) of dataset items, in the order of `ids`."""
+    by_id = {str(it["id"]): it for it in manifest["items"]}
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        raise JobFailure("invalid_data", f"items {missing[:10]} of the model's training data "
+                                         "are no longer in the dataset")
+    index = {name: k for k, name in enumerate(model.class_names)}
+    strange = sorted({by_id[i]["label"] for i in ids} - set(index))
+    if strange:
+        raise JobFailure("invalid_data", f"labels {strange} are not classes of the model")
+    return [root / by_id[i]["file"] for i in ids], [index[by_id[i]["label"]] for i in ids]
+
+
+def _compute_self_influence(artifacts: ArtifactStore, job: dict[str, Any],
+                            settings: WorkerSettings, progress: ProgressReporter,
+                            stopper: Stopper) -> Outcome:
+    model_id = job["parent_model_id"]
+    if artifacts.model_record(model_id) is None:
+        raise JobFailure("model_not_found", f"model {model_id} was deleted before the job ran")
+    dataset_id = job["dataset_id"]
+    if artifacts.dataset_meta(dataset_id) is None:
+        raise JobFailure("dataset_not_found",
+                         f"dataset {dataset_id} was deleted before the job ran")
+    model = load_model(artifacts.model_dir(model_id))
+    if settings.device != "auto":
+        model.config = model.config.replace(device=settings.device)
+    ids = [str(i) for i in model.info.get("train_item_ids", [])]
+    files, labels = _items_of(model, artifacts.manifest(dataset_id), ids,
+                              artifacts.dataset_dir(dataset_id))
+    started = time.monotonic()
+    result = cross_fit_model(model, files, labels, ids, folds=DEFAULT_FOLDS,
+                             progress=progress, should_stop=stopper,
+                             weights_dir=settings.weights_dir)
+    seconds = time.monotonic() - started
+    order = torch.argsort(result.scores, descending=True).tolist()
+    names = model.class_names
+    scores = {
+        "model_id": model_id, "method": "crossfit", "folds": DEFAULT_FOLDS,
+        "job_id": job["id"], "created_at": utc_now(), "seconds": seconds,
+        "items": [{"item_id": ids[i], "label": names[labels[i]],
+                   "predicted_label": names[int(result.predicted[i])],
+                   "score": float(result.scores[i])} for i in order],
+    }
+
+    def store(artifacts: ArtifactStore, job: dict[str, Any]) -> tuple[str, Path]:
+        path = artifacts.self_influence_path(model_id)
+        write_json(path, scores)
+        return model_id, path
+
+    return Outcome({"seconds": seconds, "items": float(len(ids))}, store)
 
 
 def _execute(jobs: JobStore, job: dict[str, Any], settings: WorkerSettings, lease: Lease,
@@ -239,8 +311,7 @@ def _execute(jobs: JobStore, job: dict[str, Any], settings: WorkerSettings, leas
     artifacts = ArtifactStore(settings.data_dir)
     stopper = Stopper(jobs, job_id, lease)
     try:
-        model, config = compute(artifacts, job, settings, ProgressReporter(jobs, job_id),
-                                stopper)
+        outcome = compute(artifacts, job, settings, ProgressReporter(jobs, job_id), stopper)
     except JobFailure as exc:
         return _fail(jobs, job_id, exc.code, exc.message)
     except TrainingCancelled:
@@ -259,21 +330,23 @@ def _execute(jobs: JobStore, job: dict[str, Any], settings: WorkerSettings, leas
         return _fail(jobs, job_id, "internal_error", f"{type(exc).__name__}: {exc}")
 
     try:
-        model_id = _store_model(artifacts, job, config, model)
+        model_id, written = outcome.store(artifacts, job)
     except Exception as exc:  # disk full, permissions: say so rather than look "lost"
-        log.exception("could not store model", extra={"job_id": job_id})
+        log.exception("could not store the result", extra={"job_id": job_id})
         return _fail(jobs, job_id, "storage_error",
-                     f"training finished but the model could not be stored: {exc}")
-    final_dir = artifacts.model_dir(model_id)
+                     f"the job finished but its result could not be stored: {exc}")
     done, before = jobs.transition(
         job_id, RUNNING, JobStatus.SUCCEEDED, model_id=model_id,
-        metrics={k: float(v) for k, v in model.metrics.items()},
+        metrics={k: float(v) for k, v in outcome.metrics.items()},
         progress={**((jobs.get(job_id) or {}).get("progress") or {}), "fraction": 1.0},
     )
     if done:
         return JobStatus.SUCCEEDED.value
     # Cancelled (or failed by the sweeper) while we were finishing: the user said stop.
-    artifacts.remove(final_dir)
+    if written.is_dir():
+        artifacts.remove(written)
+    else:
+        written.unlink(missing_ok=True)
     if before == JobStatus.CANCELLING.value:
         jobs.transition(job_id, {JobStatus.CANCELLING}, JobStatus.CANCELLED,
                         message="cancelled while running")

@@ -158,6 +158,10 @@ class ArtifactStore:
             raise KeyError(model_id)
         return self.models / model_id
 
+    def self_influence_path(self, model_id: str) -> Path:
+        """A model's cross-fitted mislabel scores (a self-influence job's result)."""
+        return self.model_dir(model_id) / "self_influence.json"
+
     def model_record(self, model_id: str) -> dict[str, Any] | None:
         try:
             path = self.model_dir(model_id) / "record.json"

@@ -52,7 +52,8 @@ class JobPublic(BaseModel):
     # "hostname/pid" of the worker that ran it, for operators.
     worker: str | None = None
     attempts: int = 0
-    # "train", or "forget": retrain model parent_model_id without forget_item_ids.
+    # "train"; "forget": retrain model parent_model_id without forget_item_ids;
+    # "self_influence": cross-fit model parent_model_id for its mislabel scores.
     kind: str = "train"
     parent_model_id: str | None = None
     forget_item_ids: list[str] | None = None

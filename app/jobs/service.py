@@ -116,3 +116,31 @@ def create_forget(jobs: JobStore, store: ArtifactStore, settings: Settings, tena
 
         celery_app.send_task("lqf.forget", args=[job["id"]], queue=settings.queue)
     return job, created
+
+
+def start_self_influence(jobs: JobStore, store: ArtifactStore, settings: Settings, tenant: str,
+                         record: dict[str, Any]) -> dict[str, Any]:
+    """The job computing a model's cross-fitted mislabel scores: the one queued or running,
+    else a new `lqf.self_influence` job (one per model at a time, whoever asks)."""
+    model_id = record["id"]
+    dataset_id = record["dataset_id"]
+    meta = store.dataset_meta(dataset_id)
+    if meta is None or meta.get("tenant") != tenant:
+        raise ApiError(409, f"the dataset {dataset_id} the model was trained on is gone; "
+                            "self-influence refits on its training images", "dataset_gone")
+    hyper = dict(record.get("hyperparameters") or {})
+    fields = {"dataset_id": dataset_id, "method": record["method"],
+              "backbone": record["backbone"], "hyperparameters": hyper,
+              "seed": int(hyper.get("seed", 0)), "kind": "self_influence",
+              "parent_model_id": model_id}
+    key = f"self-influence:{model_id}"
+    job, created = jobs.create(tenant, fields, key, key)
+    if not created and job["status"] in {s.value for s in TERMINAL}:
+        # The last one ended without a result (failed or cancelled): try again.
+        jobs.drop_idempotency_key(tenant, key)
+        job, created = jobs.create(tenant, fields, key, key)
+    if created:
+        from worker.celery_app import celery_app
+
+        celery_app.send_task("lqf.self_influence", args=[job["id"]], queue=settings.queue)
+    return job

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import torch
 from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -23,9 +24,12 @@ from app.queries.schemas import (
     ForgetRequest,
     InfluenceRequest,
     InfluenceResponse,
+    SelfInfluenceMethod,
     SelfInfluenceResponse,
     Variant,
 )
+from app.queries.service import image_url, require_lqf
+from worker.store import ArtifactStore, read_json
 
 router = APIRouter(prefix="/models", tags=["queries"])
 
@@ -99,16 +103,48 @@ async def influence(model_id: str, request: Request, tenant: Tenant,
     return InfluenceResponse(model_id=model_id, variant=variant, solver=entry.solver, **out)
 
 
-@router.get("/{model_id}/self-influence", response_model=SelfInfluenceResponse)
+@router.get(
+    "/{model_id}/self-influence", response_model=SelfInfluenceResponse,
+    responses={202: {"model": JobPublic,
+                     "description": "crossfit scores not computed yet: the job computing "
+                                    "them (poll its Location, then ask again)"}},
+)
 async def self_influence(
-    model_id: str, request: Request, tenant: Tenant, store: Artifacts,
+    model_id: str, request: Request, tenant: Tenant, store: Artifacts, jobs: Jobs,
+    settings: SettingsDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
-) -> SelfInfluenceResponse:
+    method: SelfInfluenceMethod = SelfInfluenceMethod.CROSSFIT,
+) -> SelfInfluenceResponse | JSONResponse:
+    """Training items ranked by how surprising their label is to the model trained
+    without them. `crossfit` (default) refits the model without each fifth of the items:
+    the first request starts that job and answers 202 with it; once it has succeeded the
+    ranking is served from storage. `leverage` answers at once from the closed-form
+    leave-one-out residual, which is weak when the model fits every training label."""
     record = await run_in_threadpool(get_record, store, tenant, model_id)
-    entry = await request.app.state.posteriors.get(store, record, request.app.state.predictors)
-    items, total = await request.app.state.posteriors.run(entry.self_influence, limit)
-    return SelfInfluenceResponse(model_id=model_id, solver=entry.solver, total=total,
-                                 items=items)
+    require_lqf(record, "self-influence")
+    if method == SelfInfluenceMethod.LEVERAGE:
+        entry = await request.app.state.posteriors.get(store, record,
+                                                       request.app.state.predictors)
+        items, total = await request.app.state.posteriors.run(entry.self_influence, limit)
+        return SelfInfluenceResponse(model_id=model_id, method=method, solver=entry.solver,
+                                     total=total, items=items)
+    stored = await run_in_threadpool(_stored_self_influence, store, model_id)
+    if stored is not None:
+        items = [{**it, "image_url": image_url(record["dataset_id"], it["item_id"])}
+                 for it in stored["items"][:limit]]
+        return SelfInfluenceResponse(model_id=model_id, method=method, folds=stored["folds"],
+                                     total=len(stored["items"]), items=items)
+    job = await run_in_threadpool(jobs_service.start_self_influence, jobs, store, settings,
+                                  tenant, record)
+    return JSONResponse(JobPublic(**job).model_dump(mode="json"), status_code=202,
+                        headers={"Location": f"/jobs/{job['id']}", "Retry-After": "5"})
+
+
+def _stored_self_influence(store: ArtifactStore, model_id: str) -> dict[str, Any] | None:
+    try:
+        return read_json(store.self_influence_path(model_id))
+    except FileNotFoundError:
+        return None
 
 
 @router.post("/{model_id}/forget", status_code=202, response_model=JobPublic,

@@ -52,11 +52,21 @@ class SelfInfluenceItem(BaseModel):
     image_url: str
 
 
+class SelfInfluenceMethod(StrEnum):
+    # Each item scored by LQF refitted without its fold (lqf_core.crossfit): a job.
+    CROSSFIT = "crossfit"
+    # The closed-form leave-one-out residual (lqf_core.posterior): at once, but weak on
+    # models that interpolate their labels (docs/benchmarks.md, mislabel detection).
+    LEVERAGE = "leverage"
+
+
 class SelfInfluenceResponse(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 
     model_id: str
-    solver: Solver
+    method: SelfInfluenceMethod
+    folds: int | None = None  # crossfit
+    solver: Solver | None = None  # leverage: how H^-1 was applied
     total: int
     items: list[SelfInfluenceItem]
 

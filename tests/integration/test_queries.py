@@ -75,20 +75,53 @@ def test_influence_multipart_and_json(alice, noisy):
     assert all(e["score"] < 0 for e in loo["proponents"]) and len(loo["proponents"]) <= 3
 
 
-def test_self_influence_ranks_flipped_labels_high(alice, noisy):
+def assert_ranking(body: dict[str, Any], noisy: dict[str, Any], ids: dict[str, str]) -> None:
+    """30 items ranked, 6 shown in descending order, >= 2 of the 3 flipped labels there."""
+    assert body["total"] == 30 and len(body["items"]) == 6
+    scores = [e["score"] for e in body["items"]]
+    assert scores == sorted(scores, reverse=True)
+    hits = {e["item_id"] for e in body["items"]} & noisy["flipped"]
+    assert len(hits) >= 2, (body["items"], noisy["flipped"])
+    for e in body["items"]:
+        assert ids[e["item_id"]] == e["label"] and e["predicted_label"] in NAMES
+        assert e["image_url"] == f"/datasets/{noisy['dataset']['id']}/items/{e['item_id']}/image"
+
+
+def test_self_influence_by_leverage_ranks_flipped_labels_high(alice, noisy):
     model_id = noisy["model"]["id"]
+    ids = {str(it["id"]): it["label"] for it in noisy["items"]}
+    r = alice.get(f"/models/{model_id}/self-influence",
+                  params={"limit": 6, "method": "leverage"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["method"] == "leverage" and body["solver"] == "kfac"
+    assert_ranking(body, noisy, ids)
+
+
+def test_self_influence_by_crossfit_is_a_job_then_a_ranking(alice, bob, noisy):
+    model_id = noisy["model"]["id"]
+    ids = {str(it["id"]): it["label"] for it in noisy["items"]}
+    r = alice.get(f"/models/{model_id}/self-influence", params={"limit": 6})
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["kind"] == "self_influence" and job["parent_model_id"] == model_id
+    assert r.headers["location"] == f"/jobs/{job['id']}"
+    again = alice.get(f"/models/{model_id}/self-influence")
+    if again.status_code == 202:  # still computing: the same job, not a second one
+        assert again.json()["id"] == job["id"]
+    assert bob.get(f"/jobs/{job['id']}").status_code == 404
+    done = wait_job(alice, job["id"], FINAL)
+    assert done["status"] == "succeeded" and done["model_id"] == model_id, done
+    assert done["progress"]["fraction"] == 1.0
     r = alice.get(f"/models/{model_id}/self-influence", params={"limit": 6})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["solver"] == "kfac" and body["total"] == 30 and len(body["items"]) == 6
-    scores = [e["score"] for e in body["items"]]
-    assert scores == sorted(scores, reverse=True)
-    top = {e["item_id"] for e in body["items"]}
-    hits = top & noisy["flipped"]
-    assert len(hits) >= 2, (body["items"], noisy["flipped"])
+    assert body["method"] == "crossfit" and body["folds"] == 5 and body["solver"] is None
+    assert_ranking(body, noisy, ids)
+    # The flipped items' given label is the next class; the refitted model says otherwise.
     for e in body["items"]:
-        assert e["label"] in NAMES and e["predicted_label"] in NAMES
-        assert e["image_url"].endswith(f"/items/{e['item_id']}/image")
+        if e["item_id"] in noisy["flipped"]:
+            assert e["predicted_label"] != e["label"]
 
 
 def test_predict_with_uncertainty(alice, noisy):
@@ -130,6 +163,8 @@ def test_query_errors(alice, bob, noisy, service):
         (bob.post, f"/models/{model_id}/influence", {"json": {"image": img}}, 404),
         (bob.get, f"/models/{model_id}/self-influence", {}, 404),
         (alice.get, f"/models/{model_id}/self-influence", {"params": {"limit": 0}}, 422),
+        (alice.get, f"/models/{model_id}/self-influence", {"params": {"method": "vibes"}},
+         422),
         (bob.post, f"/models/{model_id}/forget", {"json": {"item_ids": [0]}}, 404),
         (alice.post, f"/models/{model_id}/forget", {"json": {"item_ids": []}}, 422),
         (alice.post, f"/models/{model_id}/forget", {"json": {"item_ids": [0, 99999]}}, 422),
@@ -177,7 +212,8 @@ def test_forget_makes_a_new_version_and_excludes_items(alice, noisy):
     assert child["forgotten_item_ids"] == forgotten
     assert child["dataset_id"] == ds and child["method"] == "lqf"
     # The new version answers queries; none of its training items is a forgotten one.
-    r = alice.get(f"/models/{child['id']}/self-influence", params={"limit": 1000})
+    r = alice.get(f"/models/{child['id']}/self-influence",
+                  params={"limit": 1000, "method": "leverage"})
     assert r.status_code == 200, r.text
     assert r.json()["total"] == 30 - len(forgotten)
     assert not {e["item_id"] for e in r.json()["items"]} & set(forgotten)
@@ -187,6 +223,7 @@ def test_forget_makes_a_new_version_and_excludes_items(alice, noisy):
                    hyperparameters={"image_size": 32, "val_fraction": 0.0})
     done = wait_job(alice, fresh["id"], FINAL)
     assert done["status"] == "succeeded", done
-    r = alice.get(f"/models/{done['model_id']}/self-influence", params={"limit": 1000})
+    r = alice.get(f"/models/{done['model_id']}/self-influence",
+                  params={"limit": 1000, "method": "leverage"})
     assert r.json()["total"] == 30 - len(forgotten)
     assert not {e["item_id"] for e in r.json()["items"]} & set(forgotten)

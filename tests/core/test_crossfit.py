@@ -1,0 +1,83 @@
+"""Cross-fitted mislabel scores against brute force: each fold's answers are those of a
+fresh training run without that fold."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lqf_core.backbones import load_backbone
+from lqf_core.classifier import build_classifier
+from lqf_core.config import TrainConfig
+from lqf_core.crossfit import cross_fit_model, fold_of
+from lqf_core.errors import InvalidDataError
+from lqf_core.train import train_model
+
+# The library's own early stop (K-FAC PCG, 10 iterations), in float64 on a tiny network.
+CONFIG = TrainConfig(backbone="tiny_cnn", image_size=16, val_fraction=0.0, suffix_blocks=1,
+                     kappa=2.0, device="cpu")
+NAMES = ["a", "b", "c"]
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    bb = load_backbone("tiny_cnn")
+    for block in bb.blocks:
+        block.double()
+    return bb
+
+
+@pytest.fixture(scope="module")
+def data():
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.arange(18) % 3
+    x = torch.randn(18, 3, 12, 12, generator=generator, dtype=torch.float64)
+    for c in range(3):
+        x[:, c] += 1.5 * (labels == c).double().view(-1, 1, 1)
+    return x, labels
+
+
+def test_each_fold_is_scored_by_a_fresh_training_run_without_it(backbone, data):
+    x, labels = data
+    ids = [f"item-{i}" for i in range(len(labels))]
+    model = train_model(x, labels.tolist(), NAMES, CONFIG, backbone=backbone, item_ids=ids)
+    result = cross_fit_model(model, x, labels.tolist(), ids, folds=3, backbone=backbone)
+    assert result.folds.tolist() == [fold_of(i, 3, CONFIG.seed) for i in ids]
+    assert len(result.folds.unique()) == 3
+    for k in range(3):
+        held = result.folds == k
+        keep = [i for i, h in zip(ids, held.tolist(), strict=True) if not h]
+        fresh = train_model(x[~held], labels[~held].tolist(), NAMES, CONFIG,
+                            backbone=backbone, item_ids=keep)
+        logits = build_classifier(fresh, backbone, torch.device("cpu")).logits(x[held])
+        assert torch.allclose(result.outputs[held], logits, rtol=0, atol=1e-6)
+    targets = CONFIG.kappa * torch.nn.functional.one_hot(labels, 3).double()
+    expected = ((targets - result.outputs) ** 2).sum(1) / CONFIG.kappa**2
+    assert torch.allclose(result.scores, expected)
+    assert torch.equal(result.predicted, result.outputs.argmax(1))
+
+
+def test_a_flipped_label_scores_highest(backbone, data):
+    x, labels = data
+    noisy = labels.clone()
+    noisy[4] = (noisy[4] + 1) % 3  # the model trained without item 4 says its true class
+    model = train_model(x, noisy.tolist(), NAMES, CONFIG, backbone=backbone)
+    assert model.metrics["train_accuracy"] == 1.0  # it fits the wrong label
+    result = cross_fit_model(model, x, noisy.tolist(), [str(i) for i in range(18)], folds=3,
+                             backbone=backbone)
+    assert int(result.scores.argmax()) == 4
+    assert int(result.predicted[4]) == int(labels[4])
+
+
+def test_cross_fit_refuses_bad_requests(backbone, data):
+    x, labels = data
+    ids = [str(i) for i in range(18)]
+    model = train_model(x, labels.tolist(), NAMES, CONFIG, backbone=backbone)
+    with pytest.raises(InvalidDataError, match="training items"):
+        cross_fit_model(model, x[:17], labels[:17].tolist(), ids[:17], backbone=backbone)
+    with pytest.raises(InvalidDataError, match="at least 2"):
+        cross_fit_model(model, x, labels.tolist(), ids, folds=1, backbone=backbone)
+    probe = train_model(x, labels.tolist(), NAMES, CONFIG.replace(method="linear_probe"),
+                        backbone=backbone)
+    with pytest.raises(InvalidDataError, match="lqf"):
+        cross_fit_model(probe, x, labels.tolist(), ids, backbone=backbone)
