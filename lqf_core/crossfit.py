@@ -84,6 +84,7 @@ def cross_fit(backbone: Backbone, z: torch.Tensor, labels: torch.Tensor, num_cla
     outputs = torch.zeros(n, num_classes, dtype=z.dtype, device=device)
     for step, k in enumerate(used):
         held = (fold == k).to(device)
+        torch.manual_seed(config.seed)  # as train_model does (K-FAC's output probes)
         fit = fit_lqf(backbone, z[~held], labels[~held], num_classes, config, device,
                       should_stop=should_stop)
         with torch.no_grad():
