@@ -157,8 +157,8 @@ def load_inputs(images: Sequence[ImageSource] | torch.Tensor, backbone: Backbone
 
 
 def prefix_outputs(prefix: torch.nn.Module, x: torch.Tensor, ids: Sequence[str],
-                    cache: PrefixCache | None, device: torch.device, batch_size: int,
-                    report: Reporter) -> torch.Tensor:
+                   cache: PrefixCache | None, device: torch.device, batch_size: int,
+                   report: Reporter) -> torch.Tensor:
     """Frozen-prefix outputs z, computed once (and reused across jobs through `cache`)."""
     if cache is None:
         return _features(prefix, x, device, batch_size, report, "features")
@@ -243,7 +243,7 @@ def train_model(
     elif config.method == Method.LQF:
         prefix = backbone.split(config.suffix_blocks)[0].to(device)
         z_fit = prefix_outputs(prefix, x_fit, info["train_item_ids"], prefix_cache, device,
-                                config.batch_size, report)
+                               config.batch_size, report)
         tensors, lqf_info, train_logits = _train_lqf(backbone, z_fit, y_fit, num_classes,
                                                      config, device, report, warm_start)
         info.update(lqf_info)
