@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
-from torch.func import functional_call, jvp, vjp
+from torch.func import functional_call, jvp, linearize, vjp
 
 
 class ParamSpace:
@@ -119,10 +119,8 @@ class LinearizedNet:
     ]:
         """(f(z; w0), v -> J v, u -> J^T u) for reuse by every solver iteration.
 
-        The backward map keeps the primal graph, built once. The forward map is a dual-tensor
-        pass that recomputes the primal: on MobileNetV2's 4-block suffix that was twice as
-        fast per call as replaying a traced `torch.func.linearize` graph, which also cost
-        3-5 s per batch to trace (docs/method.md).
+        The backward map keeps the primal graph, built once. The forward map: see
+        `_ForwardMap`.
         """
         def call(p: dict[str, torch.Tensor]) -> torch.Tensor:
             return self._call(p, z)
@@ -130,13 +128,10 @@ class LinearizedNet:
         out0, vjp_fn = vjp(call, self.params0)
         space = self.space
 
-        def forward_map(v: torch.Tensor) -> torch.Tensor:
-            return self._dual(z, v)[1]
-
         def backward_map(u: torch.Tensor) -> torch.Tensor:
             return space.flatten(vjp_fn(u)[0])
 
-        return out0.detach(), forward_map, backward_map
+        return out0.detach(), _ForwardMap(self, z), backward_map
 
     def jacobian(self, z: torch.Tensor) -> torch.Tensor:
         """Dense J(z), (n * C, P). For tests and tiny models only."""
@@ -148,6 +143,33 @@ class LinearizedNet:
                 u[i, c] = 1
                 rows.append(self.vjp(z, u))
         return torch.stack(rows)
+
+
+class _ForwardMap:
+    """v -> J(z) v for one batch z, as cheap as the number of calls allows.
+
+    A dual-tensor pass recomputes the primal. A traced `torch.func.linearize` graph
+    replays only the tangent, about twice as fast, but tracing costs as much as ten or
+    more dual passes (MobileNetV2's 4-block suffix, batch 256: 3.9 s to trace, 0.16 s a
+    replay, 0.33 s a dual pass). So the first TRACE_AFTER calls use dual passes -- a
+    10-iteration training solve never traces -- and later calls (long CG solves,
+    a posterior serving many queries) use the trace. Both give the same numbers.
+    """
+
+    TRACE_AFTER = 20
+
+    def __init__(self, lin: LinearizedNet, z: torch.Tensor):
+        self.lin, self.z = lin, z
+        self.calls = 0
+        self._traced: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self._traced is None and self.calls > self.TRACE_AFTER:
+            _, self._traced = linearize(lambda p: self.lin._call(p, self.z), self.lin.params0)
+        if self._traced is not None:
+            return self._traced(self.lin.space.unflatten(v))
+        return self.lin._dual(self.z, v)[1]
 
 
 def batches(n: int, batch_size: int) -> Iterator[slice]:

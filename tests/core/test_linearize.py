@@ -57,6 +57,11 @@ def test_cached_linear_maps_match_jvp_and_vjp():
     torch.testing.assert_close(backward_map(u), jac.T @ u.reshape(-1))
     torch.testing.assert_close(lin.vjp(z, u), jac.T @ u.reshape(-1))
     torch.testing.assert_close(lin.jacobian(z), jac)
+    # Past its first calls the forward map replays a traced graph: the same map.
+    for _ in range(forward_map.TRACE_AFTER):
+        forward_map(v)
+    assert forward_map._traced is not None
+    torch.testing.assert_close(forward_map(v).reshape(-1), jac @ v)
 
 
 def test_batchnorm_stays_in_eval_mode():
