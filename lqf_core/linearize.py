@@ -153,7 +153,7 @@ class _ForwardMap:
     more dual passes (MobileNetV2's 4-block suffix, batch 256: 3.9 s to trace, 0.16 s a
     replay, 0.33 s a dual pass). So the first TRACE_AFTER calls use dual passes -- a
     10-iteration training solve never traces -- and later calls (long CG solves,
-    a posterior serving many queries) use the trace. Both give the same numbers.
+    a posterior serving many queries) use the trace: the same map (bit-identical here).
     """
 
     TRACE_AFTER = 20
