@@ -219,17 +219,27 @@ def _compute_training(artifacts: ArtifactStore, job: dict[str, Any], settings: W
     return _new_model(model, config)
 
 
-def _compute_forget(artifacts: ArtifactStore, job: dict[str, Any], settings: WorkerSettings,
-                    progress: ProgressReporter, stopper: Stopper
-                    ) -> tuple[TrainedModel, TrainConfig]:
-    parent_id = job["parent_model_id"]
-    if artifacts.model_record(parent_id) is None:
-        raise JobFailure("model_not_found", f"model {parent_id} was deleted before the job ran")
-    dataset_id = job["dataset_id"]
-    if artifacts.dataset_meta(dataset_id) is None:
+def _job_model(artifacts: ArtifactStore, job: dict[str, Any],
+               settings: WorkerSettings) -> TrainedModel:
+    """The model a forget or self-influence job works on, on the worker's device; the
+    model and its dataset must still exist."""
+    model_id = job["parent_model_id"]
+    if artifacts.model_record(model_id) is None:
+        raise JobFailure("model_not_found", f"model {model_id} was deleted before the job ran")
+    if artifacts.dataset_meta(job["dataset_id"]) is None:
         raise JobFailure("dataset_not_found",
-                         f"dataset {dataset_id} was deleted before the job ran")
-    parent = load_model(artifacts.model_dir(parent_id))
+                         f"dataset {job['dataset_id']} was deleted before the job ran")
+    model = load_model(artifacts.model_dir(model_id))
+    if settings.device != "auto":
+        model.config = model.config.replace(device=settings.device)
+    return model
+
+
+def _compute_forget(artifacts: ArtifactStore, job: dict[str, Any], settings: WorkerSettings,
+                    progress: ProgressReporter, stopper: Stopper) -> Outcome:
+    parent_id = job["parent_model_id"]
+    dataset_id = job["dataset_id"]
+    parent = _job_model(artifacts, job, settings)
     parent_ids = [*parent.info.get("train_item_ids", []), *parent.info.get("val_item_ids", [])]
     manifest = artifacts.manifest(dataset_id)
     # Forget what was asked, and anything else the dataset has excluded since the parent
@@ -239,16 +249,12 @@ def _compute_forget(artifacts: ArtifactStore, job: dict[str, Any], settings: Wor
     forgotten |= excluded & set(parent_ids)
     remaining = [i for i in parent_ids if i not in forgotten]
     files, labels = _items_of(parent, manifest, remaining, artifacts.dataset_dir(dataset_id))
-    config = parent.config
-    if settings.device != "auto":
-        config = config.replace(device=settings.device)
-        parent.config = config
     model = forget(
         parent, files, labels, remaining, sorted(forgotten),
         progress=progress, should_stop=stopper, weights_dir=settings.weights_dir,
         parent_id=parent_id,
     )
-    return _new_model(model, config)
+    return _new_model(model, parent.config)
 
 
 def _items_of(model: TrainedModel, manifest: dict[str, Any], ids: list[str],
@@ -269,16 +275,8 @@ def _items_of(model: TrainedModel, manifest: dict[str, Any], ids: list[str],
 def _compute_self_influence(artifacts: ArtifactStore, job: dict[str, Any],
                             settings: WorkerSettings, progress: ProgressReporter,
                             stopper: Stopper) -> Outcome:
-    model_id = job["parent_model_id"]
-    if artifacts.model_record(model_id) is None:
-        raise JobFailure("model_not_found", f"model {model_id} was deleted before the job ran")
-    dataset_id = job["dataset_id"]
-    if artifacts.dataset_meta(dataset_id) is None:
-        raise JobFailure("dataset_not_found",
-                         f"dataset {dataset_id} was deleted before the job ran")
-    model = load_model(artifacts.model_dir(model_id))
-    if settings.device != "auto":
-        model.config = model.config.replace(device=settings.device)
+    model_id, dataset_id = job["parent_model_id"], job["dataset_id"]
+    model = _job_model(artifacts, job, settings)
     ids = [str(i) for i in model.info.get("train_item_ids", [])]
     files, labels = _items_of(model, artifacts.manifest(dataset_id), ids,
                               artifacts.dataset_dir(dataset_id))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lqf_core.backbones import load_backbone
 from lqf_core.classifier import build_classifier
 from lqf_core.config import TrainConfig
 from lqf_core.crossfit import cross_fit_model, fold_of
@@ -17,14 +16,6 @@ from lqf_core.train import train_model
 CONFIG = TrainConfig(backbone="tiny_cnn", image_size=16, val_fraction=0.0, suffix_blocks=1,
                      kappa=2.0, device="cpu")
 NAMES = ["a", "b", "c"]
-
-
-@pytest.fixture(scope="module")
-def backbone():
-    bb = load_backbone("tiny_cnn")
-    for block in bb.blocks:
-        block.double()
-    return bb
 
 
 @pytest.fixture(scope="module")

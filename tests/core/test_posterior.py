@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from lqf_core.backbones import load_backbone
 from lqf_core.classifier import build_classifier
 from lqf_core.config import TrainConfig
 from lqf_core.errors import IncompatibleModelError, InvalidDataError
@@ -17,14 +16,6 @@ from lqf_core.unlearn import forget
 CONFIG = TrainConfig(backbone="tiny_cnn", image_size=16, val_fraction=0.0, suffix_blocks=1,
                      weight_decay=0.05, probe_l2=1.0, kappa=2.0, tol=1e-12, max_iters=2000,
                      use_kfac=False)  # plain CG ends in <= N*C + 1 steps on these tiny sets
-
-
-@pytest.fixture(scope="module")
-def backbone():
-    bb = load_backbone("tiny_cnn")
-    for block in bb.blocks:
-        block.double()
-    return bb
 
 
 @pytest.fixture(scope="module")
