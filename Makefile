@@ -37,10 +37,10 @@ test-integration: setup
 	$(PY) -m pytest -m integration
 
 lint: setup
-	$(VENV)/bin/ruff check app worker lqf_core bench tests
+	$(VENV)/bin/ruff check app worker state lqf_core bench tests
 
 typecheck: setup
-	$(VENV)/bin/mypy app worker
+	$(VENV)/bin/mypy app worker state lqf_core
 
 # `docker compose` (v2 plugin) where present, else Debian's docker-compose (v1).
 COMPOSE := $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)

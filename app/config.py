@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from pathlib import Path
 
-from worker.config import CommonSettings
+from state.settings import CommonSettings
 
 
 class Settings(CommonSettings):
+    """The api's settings: the shared ones (state.settings) and its own."""
+
     # "tenant:key,tenant2:key2". Empty: every request is refused (the launcher fills it).
     api_keys: str = ""
     host: str = "127.0.0.1"
@@ -35,7 +36,6 @@ class Settings(CommonSettings):
     # Intra-op threads of each inference process; 0 = the cores shared out among them.
     predict_torch_threads: int = 0
     model_cache_size: int = 4
-    weights_dir: Path | None = None
     predict_device: str = "auto"
 
     # Label Studio ML backend (/label-studio/{model_id}): task images given as URLs are

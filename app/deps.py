@@ -14,8 +14,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.config import Settings, get_settings
 from app.errors import ApiError
-from worker.jobstore import JobStore
-from worker.store import ArtifactStore
+from state.artifacts import ArtifactStore
+from state.jobstore import JobStore
 
 _bearer = HTTPBearer(auto_error=False, description="An API key from LQF_API_KEYS")
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lqf_core.errors import (
@@ -23,7 +26,7 @@ log = logging.getLogger("lqf.api")
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, detail: str, code: str = "error"):
+    def __init__(self, status: int, detail: str | list[dict[str, object]], code: str = "error"):
         super().__init__(detail)
         self.status, self.detail, self.code = status, detail, code
 
@@ -40,6 +43,18 @@ _LQF_STATUS: list[tuple[type[LQFError], int, str]] = [
     (WeightsNotFoundError, 422, "weights_not_found"),
     (IncompatibleModelError, 409, "incompatible_model"),
 ]
+
+
+def validation_detail(errors: Sequence[Any]) -> list[dict[str, object]]:
+    """Pydantic's errors as every 422 here shows them: where (`loc`), what (`msg`) and
+    which check (`type`); never the input, which may be a whole upload."""
+    errors = jsonable_encoder(errors, custom_encoder={bytes: lambda b: "<bytes>"})
+    return [{k: e[k] for k in ("loc", "msg", "type") if k in e} for e in errors]
+
+
+def invalid(exc: ValidationError) -> ApiError:
+    """A body validated by hand (multipart or JSON, app.bodies) fails as FastAPI's own do."""
+    return ApiError(422, validation_detail(exc.errors()), "validation_error")
 
 
 def _json(status: int, detail: object, code: str) -> JSONResponse:
@@ -60,11 +75,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = jsonable_encoder(exc.errors(), custom_encoder={bytes: lambda b: "<bytes>"})
-        for err in errors:
-            err.pop("input", None)  # may echo a whole upload back
-            err.pop("ctx", None)
-        return _json(422, errors, "validation_error")
+        return _json(422, validation_detail(list(exc.errors())), "validation_error")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -25,7 +25,7 @@ from app.predict.service import PredictorCache
 from app.queries.router import router as queries_router
 from app.queries.service import PosteriorCache
 from app.uploads import BodySizeLimit
-from worker.logs import configure_logging
+from state.logs import configure_logging
 
 log = logging.getLogger("lqf.api")
 _collector: RedisCollector | None = None
@@ -67,7 +67,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await sweeper
         await app.state.predictors.close()
-        app.state.posteriors.close()
+        await app.state.posteriors.close()
 
 
 def create_app() -> FastAPI:

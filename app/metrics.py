@@ -57,9 +57,7 @@ class RedisCollector(Collector):
         up = GaugeMetricFamily("lqf_redis_up", "1 if Redis answered this scrape")
         try:
             jobs = self.get_jobs()
-            # kombu keeps priority levels in sibling lists named queue + "\x06\x16" + level
-            keys = [self.queue] + [f"{self.queue}\x06\x16{p}" for p in (3, 6, 9)]
-            depth = sum(int(jobs.r.llen(k)) for k in keys)
+            depth = jobs.queue_depth(self.queue)
             outcomes = jobs.outcome_counts()
             active = jobs.active_count()
             workers = len(jobs.alive_workers(self.stale_s))

@@ -1,4 +1,4 @@
-"""Query benchmark (issue 4, item 6): what the linear-quadratic model answers, measured.
+"""Query benchmark: what the linear-quadratic model answers, measured.
 
     python -m bench.queries            # 100 shots -> docs/results/queries.{json,md}
     python -m bench.queries --quick    # 20 shots, small test sets -> queries-quick.*
@@ -372,7 +372,7 @@ def cost_section(x: torch.Tensor, y: np.ndarray, x_test: torch.Tensor,
 def markdown(result: dict[str, Any]) -> str:
     mis, cal, cost = result["mislabel"], result["calibration"], result["cost"]
     lines = [
-        "# Query benchmark (issue 4)", "",
+        "# Query benchmark", "",
         f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, "
         f"torch {result['machine']['torch']}. Runs:", "",
         *[f"- {name}: `{result[name]['run']['command']}` ({result[name]['run']['date']})"

@@ -1,4 +1,4 @@
-"""Serving benchmark (issue 3, item 10): `/predict` over real HTTP vs in-process batches.
+"""Serving benchmark: `/predict` over real HTTP vs in-process batches.
 
     python -m bench.serve                               # mobilenet_v2, 64 px
     python -m bench.serve --quick --backbone tiny_cnn   # smoke run, about a minute
@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import io
 import itertools
@@ -54,7 +53,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -65,17 +64,10 @@ import torch
 from PIL import Image
 
 from app.config import Settings
-from app.embedded import (
-    RedisServer,
-    api_command,
-    free_port,
-    spawn,
-    stop_process,
-    wait_http,
-    worker_command,
-)
+from app.launcher import LocalService
 from app.predict.inference import pool_shape
 from bench.fashion_mnist import CLASS_NAMES, few_shot_indices, load_split
+from bench.http_load import request_bytes, run_level
 from lqf_core.data import open_image
 from lqf_core.serving import Predictor
 
@@ -154,94 +146,31 @@ def folder_zip(samples: list[tuple[str, bytes]]) -> bytes:
 # --- the service -----------------------------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), from /proc."""
-    with contextlib.suppress(OSError, IndexError, ValueError):
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return float("nan")
+class Service(LocalService):
+    """The service as `make serve` runs it (app.launcher), with the benchmark's key."""
 
+    KEY = "bench-key-0123456789abcdef"
 
-def tree_cpu_seconds(root_pid: int) -> float:
-    """CPU seconds of a process and all its descendants (the api and its inference child)."""
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-    tree, frontier = {root_pid}, [root_pid]
-    while frontier:
-        parent = frontier.pop()
-        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in tree]
-        tree.update(children)
-        frontier.extend(children)
-    return sum(cpu_seconds(pid) for pid in tree)
-
-
-@dataclass
-class Service:
-    """Redis, one Celery worker and uvicorn on loopback, as `python -m app.embedded`."""
-
-    root: Path
-    env_extra: dict[str, str]
-    key: str = "bench-key-0123456789abcdef"
-    base_url: str = ""
-    procs: list[subprocess.Popen] = field(default_factory=list)
-    logs: list[Any] = field(default_factory=list)
-    redis: RedisServer | None = None
-
-    @property
-    def data_dir(self) -> Path:
-        return self.root / "data"
+    @classmethod
+    def under(cls, root: Path, env_extra: dict[str, str]) -> Service:
+        env = {"LQF_QUEUE": QUEUE, "LQF_API_KEYS": f"{TENANT}:{cls.KEY}",
+               "LQF_LOG_LEVEL": "WARNING", **env_extra}
+        return cls(data_dir=root / "data", redis_dir=root / "redis", env=env, log_dir=root,
+                   log_level="WARNING")
 
     @property
     def api_pid(self) -> int:
-        return self.procs[0].pid
-
-    def start(self) -> Service:
-        self.redis = RedisServer(self.root / "redis", persist=False).start()
-        port = free_port()
-        self.base_url = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1",
-               "LQF_REDIS_URL": self.redis.url, "LQF_DATA_DIR": str(self.data_dir),
-               "LQF_QUEUE": QUEUE, "LQF_API_KEYS": f"{TENANT}:{self.key}",
-               "LQF_LOG_LEVEL": "WARNING", **self.env_extra}
-        for name, cmd in (("api", api_command("127.0.0.1", port)),
-                          ("worker", worker_command(QUEUE, "bench@%h", "WARNING"))):
-            log = open(self.root / f"{name}.log", "wb")  # noqa: SIM115
-            self.logs.append(log)
-            self.procs.append(spawn(cmd, env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
-        wait_http(f"{self.base_url}/livez", self.procs, timeout=120)
-        self._wait_worker(timeout=120)
-        return self
-
-    def _wait_worker(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        with httpx.Client(base_url=self.base_url, timeout=5) as c:
-            while time.monotonic() < deadline:
-                r = c.get("/readyz")
-                if r.status_code == 200 and r.json()["checks"]["workers"] >= 1:
-                    return
-                time.sleep(0.3)
-        raise RuntimeError(f"no worker became ready; see {self.root}/worker.log")
+        assert self.api is not None
+        return self.api.pid
 
     def client(self, **kw: Any) -> httpx.Client:
         return httpx.Client(base_url=self.base_url, timeout=60,
-                            headers={"Authorization": f"Bearer {self.key}"}, **kw)
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            stop_process(proc, signal.SIGTERM, timeout=30)
-        if self.redis is not None:
-            self.redis.stop()
-        for log in self.logs:
-            log.close()
+                            headers={"Authorization": f"Bearer {self.KEY}"}, **kw)
 
     def log_tail(self, chars: int = 3000) -> str:
         parts = []
-        for name in ("api", "worker"):
-            path = self.root / f"{name}.log"
-            if path.is_file():
-                parts.append(f"--- {name}.log\n{path.read_text(errors='replace')[-chars:]}")
+        for path in sorted(self.log_dir.glob("*.log")) if self.log_dir else []:
+            parts.append(f"--- {path.name}\n{path.read_text(errors='replace')[-chars:]}")
         return "\n".join(parts)
 
 
@@ -296,96 +225,12 @@ def batch_stats(client: httpx.Client) -> tuple[float, float]:
     return values["sum"], values["count"]
 
 
-def request_bytes(model_id: str, image: bytes, fmt: str, key: str) -> bytes:
-    """A whole HTTP/1.1 /predict request, encoded once so the load loop spends no CPU on it."""
-    if fmt == "json":
-        kw: dict[str, Any] = {"json": {"model_id": model_id,
-                                       "images": [base64.b64encode(image).decode()]}}
-    else:
-        kw = {"data": {"model_id": model_id},
-              "files": {"files": ("image.png", image, "image/png")}}
-    request = httpx.Request("POST", "http://127.0.0.1/predict", **kw)
-    body = request.read()
-    head = (f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
-            f"Content-Type: {request.headers['Content-Type']}\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n")
-    return head.encode() + body
-
-
-class Connection:
-    """One keep-alive HTTP/1.1 connection that sends prepared requests.
-
-    The load generator shares the machine's two cores with the server, so it is kept as
-    lean as `wrk`: no HTTP library per request, just bytes out and a parsed reply.
-    """
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        self.reader, self.writer = reader, writer
-
-    @classmethod
-    async def open(cls, host: str, port: int) -> Connection:
-        return cls(*await asyncio.open_connection(host, port))
-
-    async def send(self, request: bytes) -> tuple[int, bytes]:
-        self.writer.write(request)
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split()[1])
-        length = next(int(line.split(":", 1)[1]) for line in lines
-                      if line.lower().startswith("content-length:"))
-        return status, await self.reader.readexactly(length)
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-async def _run_level(base_url: str, requests: list[bytes], concurrency: int,
-                     n_requests: int, cap_s: float, warmup: int,
-                     server_pid: int) -> dict[str, Any]:
-    """`concurrency` clients share a counter of `n_requests` requests (or `cap_s`)."""
-    host, port = httpx.URL(base_url).host, httpx.URL(base_url).port or 80
-    latencies: list[float] = []
-    failures: list[str] = []
-    connections = [await Connection.open(host, port) for _ in range(concurrency)]
-
-    async def worker(conn: Connection, counter: itertools.count[int], total: int,
-                     deadline: float, record: bool) -> None:
-        for i in counter:
-            if i >= total or time.perf_counter() > deadline:
-                return
-            start = time.perf_counter()
-            status, body = await conn.send(requests[i % len(requests)])
-            elapsed = time.perf_counter() - start
-            if status != 200 or len(json.loads(body)["predictions"]) != 1:
-                failures.append(f"{status} {body[:200]!r}")
-            elif record:
-                latencies.append(elapsed)
-
-    try:
-        # Warm-up: lets the batcher settle at this concurrency.
-        await asyncio.gather(*(worker(c, itertools.count(), warmup, time.perf_counter() + cap_s,
-                                      False) for c in connections))
-        cpu0, server0 = time.process_time(), tree_cpu_seconds(server_pid)
-        start = time.perf_counter()
-        counter, deadline = itertools.count(), start + cap_s
-        await asyncio.gather(*(worker(c, counter, n_requests, deadline, True)
-                               for c in connections))
-        wall = time.perf_counter() - start
-        client_cpu = time.process_time() - cpu0
-        server_cpu = tree_cpu_seconds(server_pid) - server0
-    finally:
-        for conn in connections:
-            conn.close()
-    return {"latencies": latencies, "failures": failures, "wall_s": wall,
-            "client_cpu_s": client_cpu, "server_cpu_s": server_cpu}
-
-
 def http_level(service: Service, model_id: str, images: list[bytes], fmt: str,
                concurrency: int, n_requests: int, cap_s: float) -> dict[str, Any]:
-    requests = [request_bytes(model_id, img, fmt, service.key) for img in images]
+    requests = [request_bytes(model_id, img, fmt, service.KEY) for img in images]
     with service.client() as c:
         sum0, count0 = batch_stats(c)
-        out = asyncio.run(_run_level(service.base_url, requests, concurrency, n_requests,
+        out = asyncio.run(run_level(service.base_url, requests, concurrency, n_requests,
                                      cap_s, warmup=max(2 * concurrency, 20),
                                      server_pid=service.api_pid))
         sum1, count1 = batch_stats(c)  # includes the warm-up's batches
@@ -670,10 +515,11 @@ def main(argv: list[str] | None = None) -> int:
                       "test_images": len(test_images), "request_format": args.format}
 
     tmp = Path(tempfile.mkdtemp(prefix="lqf-bench-serve-"))
-    service = Service(tmp, env_extra)
+    service = Service.under(tmp, env_extra)
     try:
         print(f"starting the service in {tmp} ...", flush=True)
         service.start()
+        service.wait_ready(timeout=120)
         print(f"service at {service.base_url}; training {args.backbone} "
               f"({args.image_size} px) on {len(train_set)} {source} images ...", flush=True)
         record = train(service, train_set, args.backbone, args.image_size, args.max_iters,

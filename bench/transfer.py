@@ -1,4 +1,4 @@
-"""Transfer benchmark (issue 2, items 7-8): ImageNet MobileNetV2 -> Fashion-MNIST.
+"""Transfer benchmark: ImageNet MobileNetV2 -> Fashion-MNIST.
 
     python -m bench.transfer            # full run -> docs/results/transfer.{json,md}
     python -m bench.transfer --quick    # a few minutes -> docs/results/transfer-quick.{json,md}
@@ -347,7 +347,7 @@ def markdown(records: list[dict], throughput: dict | None, command: str, meta: d
                          f"{'' if ratio is None else f'{ratio:.2f}'} |")
     targets = target_lines(records)
     if targets:
-        lines += ["", "## Targets (issue 2)", "", *targets]
+        lines += ["", "## Targets", "", *targets]
     lines.append("")
     return "\n".join(lines)
 

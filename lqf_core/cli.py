@@ -8,13 +8,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from lqf_core.config import Method, TrainConfig
 from lqf_core.errors import LQFError
 
 EXIT_BAD_INPUT = 2
+
+
+def weights_dirs(weights_dir: str | None) -> list[Path]:
+    """--weights-dir, then torchvision's cache ($TORCH_HOME/hub/checkpoints). The command
+    line is the one place in lqf_core that reads the environment: the library takes the
+    directories as arguments."""
+    torch_home = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch"))
+    return [*([Path(weights_dir)] if weights_dir else []), torch_home / "hub" / "checkpoints"]
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -45,7 +55,7 @@ def _train(args: argparse.Namespace) -> int:
         bar.set_postfix({k: f"{v:.3g}" for k, v in p.metrics.items()}, refresh=True)
 
     model = train_model(images, labels, class_names, config, progress=show,
-                        weights_dir=args.weights_dir)
+                        weights_dir=weights_dirs(args.weights_dir))
     for bar in bars.values():
         bar.close()
     save_model(model, args.out)
@@ -61,7 +71,8 @@ def _predict(args: argparse.Namespace) -> int:
     from lqf_core.data import open_image
     from lqf_core.serving import Predictor
 
-    predictor = Predictor.load(args.model, device=args.device, weights_dir=args.weights_dir)
+    predictor = Predictor.load(args.model, device=args.device,
+                               weights_dir=weights_dirs(args.weights_dir))
     images = [open_image(path) for path in args.images]
     probs = predictor.predict_proba(images)
     for path, row in zip(args.images, probs, strict=True):

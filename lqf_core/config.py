@@ -43,7 +43,7 @@ class TrainConfig:
     batch_size: int = 64
     device: str = "auto"
 
-    # LQF (DESIGN.md §1)
+    # LQF (docs/method.md)
     leaky_slope: float = 0.1  # 0 keeps the original ReLU (ablation)
     # Last k feature blocks linearized, plus the head. None: the backbone's own default
     # (mobilenet_v2: 4, which bench.transfer's validation chose in every 100-shot run and
@@ -94,6 +94,14 @@ class TrainConfig:
             if isinstance(value, Enum):
                 out[key] = value.value
         return out
+
+    @property
+    def suffix(self) -> int:
+        """suffix_blocks once resolved (train_model fills it in from the backbone)."""
+        if self.suffix_blocks is None:
+            raise InvalidConfigError("suffix_blocks is unset: resolve it from the backbone "
+                                     "(Backbone.default_suffix_blocks) first")
+        return self.suffix_blocks
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)

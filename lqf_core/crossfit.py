@@ -25,14 +25,14 @@ import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from lqf_core.backbones import Backbone, load_backbone
+from lqf_core.backbones import Backbone, WeightsDirs, load_backbone
 from lqf_core.config import Method, TrainConfig
 from lqf_core.data import ImageSource
+from lqf_core.device import resolve_device
 from lqf_core.errors import InvalidDataError
 from lqf_core.lqf import PrefixCache, fit_lqf
 from lqf_core.model import TrainedModel
@@ -41,7 +41,6 @@ from lqf_core.train import (
     Reporter,
     load_inputs,
     prefix_outputs,
-    resolve_device,
 )
 
 DEFAULT_FOLDS = 5
@@ -105,7 +104,7 @@ def cross_fit_model(
     folds: int = DEFAULT_FOLDS,
     progress: ProgressCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
-    weights_dir: str | Path | None = None,
+    weights_dir: WeightsDirs = None,
     backbone: Backbone | None = None,
     prefix_cache: PrefixCache | None = None,
 ) -> CrossFit:
@@ -126,7 +125,7 @@ def cross_fit_model(
     if backbone is None:
         backbone = load_backbone(config.backbone, weights_dir)
     x = load_inputs(images, backbone, config.image_size, report)
-    prefix = backbone.split(config.suffix_blocks)[0].to(device)
+    prefix = backbone.split(config.suffix)[0].to(device)
     z = prefix_outputs(prefix, x, ids, prefix_cache, device, config.batch_size, report)
     y = torch.as_tensor(list(labels), dtype=torch.long)
     result = cross_fit(backbone, z, y, model.num_classes, config, ids, folds, device,

@@ -41,7 +41,7 @@ class KroneckerFactors:
 
 def _layers(lin: LinearizedNet) -> dict[str, nn.Module]:
     """Conv2d / Linear modules whose weight is linearized, by module name."""
-    out = {}
+    out: dict[str, nn.Module] = {}
     for name, module in lin.net.named_modules():
         if isinstance(module, nn.Conv2d | nn.Linear):
             weight = f"{name}.weight" if name else "weight"

@@ -83,7 +83,8 @@ class LinearizedNet:
     def jvp(self, z: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(f(z; w0), J(z) v): both (n, C), one forward-mode pass."""
         tangent = self.space.unflatten(v)
-        return jvp(lambda p: self._call(p, z), (self.params0,), (tangent,))
+        result = jvp(lambda p: self._call(p, z), (self.params0,), (tangent,))
+        return result[0], result[1]
 
     def forward(self, z: torch.Tensor, delta_w: torch.Tensor) -> torch.Tensor:
         """f_lin(z; w0 + delta_w), (n, C).
@@ -104,8 +105,8 @@ class LinearizedNet:
 
     def vjp(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """J(z)^T u for u (n, C) -> (P,)."""
-        _, pullback = vjp(lambda p: self._call(p, z), self.params0)
-        (grads,) = pullback(u)
+        pullback = vjp(lambda p: self._call(p, z), self.params0)[1]
+        grads = pullback(u)[0]
         return self.space.flatten(grads)
 
     def ggn_matvec(self, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -125,7 +126,7 @@ class LinearizedNet:
         def call(p: dict[str, torch.Tensor]) -> torch.Tensor:
             return self._call(p, z)
 
-        out0, vjp_fn = vjp(call, self.params0)
+        out0, vjp_fn = vjp(call, self.params0)[:2]
         space = self.space
 
         def backward_map(u: torch.Tensor) -> torch.Tensor:

@@ -137,7 +137,7 @@ def fit_lqf_head(backbone: Backbone, z: torch.Tensor, y: torch.Tensor, num_class
     """The ridge probe on the (leaky) suffix features at w0: the head part of w0."""
     dim = backbone.feature_dim
     zeros = (torch.zeros(num_classes, dim), torch.zeros(num_classes))
-    _, net0 = lqf_network(backbone, config.suffix_blocks, config.leaky_slope, *zeros)
+    _, net0 = lqf_network(backbone, config.suffix, config.leaky_slope, *zeros)
     suffix = net0[0].to(device=device, dtype=z.dtype)
     with torch.no_grad():
         phi = torch.cat([suffix(z[sl]) for sl in batches(len(z), 256)])
@@ -155,7 +155,7 @@ def build_lqf_problem(backbone: Backbone, z: torch.Tensor, y: torch.Tensor, num_
     if head is None:
         head = fit_lqf_head(backbone, z, y, num_classes, config, device)
     head_weight, head_bias = (t.to(device=device, dtype=z.dtype) for t in head)
-    _, net = lqf_network(backbone, config.suffix_blocks, config.leaky_slope,
+    _, net = lqf_network(backbone, config.suffix, config.leaky_slope,
                          head_weight, head_bias)
     net.to(device=device, dtype=z.dtype)
     lin = LinearizedNet(net)

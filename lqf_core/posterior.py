@@ -1,4 +1,4 @@
-"""What the linear-quadratic model answers in closed form (DESIGN.md §1, issue 4).
+"""What the linear-quadratic model answers in closed form (docs/method.md).
 
 For a trained LQF model the loss is an exact quadratic with constant Hessian
 H = J^T J / N + lambda I, so:

@@ -1,7 +1,7 @@
 """Linear probes on frozen features: the closed-form ridge probe and logistic regression.
 
 The ridge probe also initialises the LQF head: a zero or random head would zero or
-scramble the Jacobian of every earlier layer (DESIGN.md §1.2).
+scramble the Jacobian of every earlier layer (docs/method.md).
 """
 
 from __future__ import annotations

@@ -15,18 +15,18 @@ import torch
 from PIL import Image
 
 from lqf_core.artifacts import load_model, read_metadata
-from lqf_core.backbones import Backbone, load_backbone
+from lqf_core.backbones import Backbone, WeightsDirs, load_backbone
 from lqf_core.classifier import build_classifier
 from lqf_core.data import ImageSource, open_image
+from lqf_core.device import resolve_device
 from lqf_core.model import TrainedModel
-from lqf_core.train import resolve_device
 
 
 class Predictor:
     """A trained model ready to predict. `model_version` is the artifact's content hash."""
 
     def __init__(self, model: TrainedModel, device: str = "auto",
-                 weights_dir: str | Path | None = None, model_version: str = "",
+                 weights_dir: WeightsDirs = None, model_version: str = "",
                  backbone: Backbone | None = None):
         self.model = model
         self.device = resolve_device(device)
@@ -38,7 +38,7 @@ class Predictor:
 
     @classmethod
     def load(cls, directory: str | Path, device: str = "auto",
-             weights_dir: str | Path | None = None) -> Predictor:
+             weights_dir: WeightsDirs = None) -> Predictor:
         version = read_metadata(directory)["content_hash"]
         return cls(load_model(directory), device, weights_dir, model_version=version)
 

@@ -10,13 +10,12 @@ import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import lqf_core
-from lqf_core.backbones import Backbone, load_backbone
+from lqf_core.backbones import Backbone, WeightsDirs, load_backbone
 from lqf_core.baselines import finetune
 from lqf_core.calibration import (
     accuracy,
@@ -27,6 +26,7 @@ from lqf_core.calibration import (
 from lqf_core.classifier import build_classifier
 from lqf_core.config import Method, ProbeKind, TrainConfig
 from lqf_core.data import ImageSource
+from lqf_core.device import resolve_device
 from lqf_core.errors import InvalidConfigError, InvalidDataError, TrainingCancelled
 from lqf_core.linearize import batches
 from lqf_core.lqf import PrefixCache, fit_lqf
@@ -72,12 +72,6 @@ class Reporter:
 
     def check_cancel_flag(self) -> bool:
         return self.should_stop is not None and bool(self.should_stop())
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def validate_labels(num_images: int, labels: Sequence[int], class_names: Sequence[str]) -> None:
@@ -190,7 +184,7 @@ def train_model(
     *,
     progress: ProgressCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
-    weights_dir: str | Path | None = None,
+    weights_dir: WeightsDirs = None,
     backbone: Backbone | None = None,
     item_ids: Sequence[str] | None = None,
     prefix_cache: PrefixCache | None = None,
@@ -276,7 +270,7 @@ def train_model(
     model.metrics["train_accuracy"] = accuracy(train_logits.cpu(), y_fit)
     model.metrics["train_seconds"] = time.monotonic() - started
     model.info.update(
-        backbone_weights=backbone.weights_sha,
+        backbone_weights=backbone.weights_id,
         lqf_core_version=lqf_core.__version__,
         torch_version=torch.__version__,
     )

@@ -1,6 +1,6 @@
 """Exact unlearning: a new model version that never saw the forgotten items.
 
-Design (issue 4): everything that depends on the training data is recomputed on the
+Design (docs/method.md): everything that depends on the training data is recomputed on the
 remaining items -- the validation split (decided per item id, so the remaining items
 keep their side), the ridge head that is part of the linearization point w0, the
 quadratic around it and its K-FAC factors.
@@ -21,11 +21,10 @@ retrained from the pre-trained weights.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 
-from lqf_core.backbones import Backbone
+from lqf_core.backbones import Backbone, WeightsDirs
 from lqf_core.config import Method
 from lqf_core.data import ImageSource
 from lqf_core.errors import InvalidDataError
@@ -43,7 +42,7 @@ def forget(
     *,
     progress: ProgressCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
-    weights_dir: str | Path | None = None,
+    weights_dir: WeightsDirs = None,
     backbone: Backbone | None = None,
     prefix_cache: PrefixCache | None = None,
     parent_id: str | None = None,

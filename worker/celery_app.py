@@ -1,4 +1,4 @@
-"""The Celery application. The api imports it only to send tasks by name; it pulls in no torch.
+"""The worker's Celery application (the api sends tasks through state.queue instead).
 
 Delivery policy (see README "When a worker dies"): a task is acknowledged when a worker
 starts it (acks early) and prefetch is 1, so Redis never re-delivers a job that is already
@@ -14,8 +14,10 @@ from typing import Any
 
 from celery import Celery, signals
 
+from state.jobstore import JobStore
+from state.logs import configure_logging
 from worker.config import get_worker_settings
-from worker.logs import configure_logging
+from worker.lifecycle import SHUTTING_DOWN
 
 settings = get_worker_settings()
 
@@ -32,8 +34,6 @@ celery_app.conf.update(
 
 log = logging.getLogger("lqf.worker")
 
-# Set when the worker is asked to shut down: a running job stops at its next poll.
-SHUTTING_DOWN = threading.Event()
 _background: dict[str, Any] = {}
 
 
@@ -49,8 +49,6 @@ def _setup_logging(**_: Any) -> None:
 
 @signals.worker_ready.connect
 def _start_background(sender: Any = None, **_: Any) -> None:
-    from worker.jobstore import JobStore
-
     _background["hostname"] = getattr(sender, "hostname", "worker")
     stop = threading.Event()
     jobs = JobStore.from_url(settings.redis_url)

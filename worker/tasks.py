@@ -1,22 +1,25 @@
-"""Celery tasks: thin wrappers; the job logic lives in worker.runner."""
+"""Celery tasks: one per job kind, each only hands its job to worker.lifecycle."""
 
 from __future__ import annotations
 
+from typing import Any
+
+from state.jobstore import JobKind
+from state.queue import TASK_NAMES
 from worker.celery_app import celery_app, settings, worker_name
-from worker.runner import run_forget_job, run_self_influence_job, run_training_job
+from worker.jobs import COMPUTE
+from worker.lifecycle import run_job
 
 
-@celery_app.task(name="lqf.train", ignore_result=True)
-def train(job_id: str) -> str:
+def _register(kind: JobKind) -> Any:
+    compute = COMPUTE[kind]
+
     # No autoretry: failures are deterministic (bad data/config) or need a human.
-    return run_training_job(job_id, settings=settings, worker=worker_name())
+    @celery_app.task(name=TASK_NAMES[kind], ignore_result=True)
+    def task(job_id: str) -> str:
+        return run_job(job_id, compute, settings=settings, worker=worker_name())
+
+    return task
 
 
-@celery_app.task(name="lqf.forget", ignore_result=True)
-def forget(job_id: str) -> str:
-    return run_forget_job(job_id, settings=settings, worker=worker_name())
-
-
-@celery_app.task(name="lqf.self_influence", ignore_result=True)
-def self_influence(job_id: str) -> str:
-    return run_self_influence_job(job_id, settings=settings, worker=worker_name())
+TASKS = {kind: _register(kind) for kind in JobKind}

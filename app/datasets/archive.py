@@ -19,13 +19,14 @@ from typing import IO
 
 from app.errors import ApiError
 from lqf_core.data import IMAGE_SUFFIXES, open_image
+from state.records import ManifestItem
 
 MAX_LABEL_LENGTH = 200
 _LABELS_CSV = "labels.csv"
 
 
 @dataclass(frozen=True)
-class Entry:
+class ArchiveEntry:
     name: str  # path inside the archive, as the user wrote it
     label: str
     info: zipfile.ZipInfo
@@ -59,7 +60,7 @@ def _skipped(name: str) -> bool:
     return name.endswith("/") or any(p.startswith(".") or p == "__MACOSX" for p in parts)
 
 
-def scan(zf: zipfile.ZipFile, limits: Limits) -> tuple[list[Entry], list[str]]:
+def scan(zf: zipfile.ZipFile, limits: Limits) -> tuple[list[ArchiveEntry], list[str]]:
     """Check the archive's structure and label every image -> (entries, ignored names)."""
     infos = [i for i in zf.infolist() if not i.is_dir()]
     unsafe = [i.filename for i in infos if _is_unsafe(i)]
@@ -97,19 +98,19 @@ def _check_label(label: str, where: str) -> str:
     return label
 
 
-def _from_folders(images: list[zipfile.ZipInfo]) -> list[Entry]:
+def _from_folders(images: list[zipfile.ZipInfo]) -> list[ArchiveEntry]:
     entries = []
     for info in images:
         parts = PurePosixPath(info.filename).parts
         if len(parts) < 2:
             raise ApiError(422, f"image {info.filename!r} is at the archive root: put each "
                                 "class in its own folder, or add a labels.csv", "missing_label")
-        entries.append(Entry(info.filename, _check_label(parts[-2], info.filename), info))
+        entries.append(ArchiveEntry(info.filename, _check_label(parts[-2], info.filename), info))
     return entries
 
 
 def _from_csv(zf: zipfile.ZipFile, csv_info: zipfile.ZipInfo,
-              images: list[zipfile.ZipInfo]) -> list[Entry]:
+              images: list[zipfile.ZipInfo]) -> list[ArchiveEntry]:
     base = PurePosixPath(csv_info.filename).parent
     try:
         text = zf.read(csv_info).decode("utf-8-sig")
@@ -136,7 +137,7 @@ def _from_csv(zf: zipfile.ZipFile, csv_info: zipfile.ZipInfo,
         if info is None:
             missing.append(rel)
             continue
-        entries.append(Entry(name, _check_label(row[1], f"labels.csv line {line}"), info))
+        entries.append(ArchiveEntry(name, _check_label(row[1], f"labels.csv line {line}"), info))
     if missing:
         raise ApiError(422, f"labels.csv names {len(missing)} file(s) that are not images in the "
                             f"archive, e.g. {missing[:3]}", "label_without_image")
@@ -147,8 +148,8 @@ def _from_csv(zf: zipfile.ZipFile, csv_info: zipfile.ZipInfo,
     return entries
 
 
-def extract(zf: zipfile.ZipFile, entries: list[Entry], dest: Path,
-            first_id: int) -> list[dict[str, object]]:
+def extract(zf: zipfile.ZipFile, entries: list[ArchiveEntry], dest: Path,
+            first_id: int) -> list[ManifestItem]:
     """Decode-check every image and copy it to dest/{item id}{suffix} -> manifest items."""
     dest.mkdir(parents=True, exist_ok=True)
     items = []
@@ -162,6 +163,6 @@ def extract(zf: zipfile.ZipFile, entries: list[Entry], dest: Path,
         item_id = first_id + offset
         suffix = PurePosixPath(entry.name).suffix.lower()
         (dest / f"{item_id}{suffix}").write_bytes(data)
-        items.append({"id": item_id, "label": entry.label, "filename": entry.name,
-                      "file": f"images/{item_id}{suffix}"})
+        items.append(ManifestItem(id=item_id, label=entry.label, filename=entry.name,
+                                  file=f"images/{item_id}{suffix}"))
     return items

@@ -3,19 +3,13 @@ from __future__ import annotations
 import mimetypes
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi import APIRouter, File, Form, UploadFile
 from fastapi.responses import FileResponse, Response
 
 from app.datasets import service
-from app.datasets.schemas import (
-    DatasetCreated,
-    DatasetList,
-    DatasetPublic,
-    ItemList,
-    ItemPublic,
-    ItemsAdded,
-)
+from app.datasets.schemas import DatasetCreated, DatasetPublic, ItemPublic, ItemsAdded
 from app.deps import Artifacts, SettingsDep, Tenant
+from app.pagination import Limit, Offset, Page, page
 from app.uploads import check_upload
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
@@ -33,23 +27,19 @@ def create_dataset(
     check_upload(file, settings.max_upload_bytes)
     default_name = (file.filename or "dataset").rsplit("/", 1)[-1].removesuffix(".zip")
     meta, ignored = service.create(store, settings, tenant, file.file, name or default_name)
-    return DatasetCreated(**meta, ignored_files=ignored)
+    return DatasetCreated.model_validate({**meta, "ignored_files": ignored})
 
 
-@router.get("", response_model=DatasetList)
-def list_datasets(
-    tenant: Tenant, store: Artifacts,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
-) -> DatasetList:
-    metas = store.list_dataset_metas(tenant)
-    return DatasetList(items=[DatasetPublic(**m) for m in metas[offset : offset + limit]],
-                       total=len(metas), limit=limit, offset=offset)
+@router.get("", response_model=Page[DatasetPublic])
+def list_datasets(tenant: Tenant, store: Artifacts, limit: Limit = 100,
+                  offset: Offset = 0) -> Page[DatasetPublic]:
+    return page(store.list_dataset_metas(tenant), limit, offset,
+                DatasetPublic.model_validate)
 
 
 @router.get("/{dataset_id}", response_model=DatasetPublic)
 def get_dataset(dataset_id: str, tenant: Tenant, store: Artifacts) -> DatasetPublic:
-    return DatasetPublic(**service.get_meta(store, tenant, dataset_id))
+    return DatasetPublic.model_validate(service.get_meta(store, tenant, dataset_id))
 
 
 @router.delete("/{dataset_id}", status_code=204)
@@ -58,15 +48,11 @@ def delete_dataset(dataset_id: str, tenant: Tenant, store: Artifacts) -> Respons
     return Response(status_code=204)
 
 
-@router.get("/{dataset_id}/items", response_model=ItemList)
-def list_items(
-    dataset_id: str, tenant: Tenant, store: Artifacts,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
-) -> ItemList:
+@router.get("/{dataset_id}/items", response_model=Page[ItemPublic])
+def list_items(dataset_id: str, tenant: Tenant, store: Artifacts, limit: Limit = 100,
+               offset: Offset = 0) -> Page[ItemPublic]:
     items, total = service.list_items(store, tenant, dataset_id, limit, offset)
-    return ItemList(items=[ItemPublic(**it) for it in items], total=total, limit=limit,
-                    offset=offset)
+    return page(items, limit, offset, lambda it: ItemPublic(**it), total=total)
 
 
 @router.post("/{dataset_id}/items", status_code=201, response_model=ItemsAdded)
@@ -75,7 +61,9 @@ def add_items(
 ) -> ItemsAdded:
     check_upload(file, settings.max_upload_bytes)
     meta, added, ignored = service.append(store, settings, tenant, dataset_id, file.file)
-    return ItemsAdded(dataset=DatasetPublic(**meta), added=[ItemPublic(**a) for a in added],
+    return ItemsAdded(dataset=DatasetPublic.model_validate(meta),
+                      added=[ItemPublic(id=a.id, label=a.label, filename=a.filename)
+                             for a in added],
                       ignored_files=ignored)
 
 

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 
 class DatasetPublic(BaseModel):
@@ -18,25 +18,12 @@ class DatasetCreated(DatasetPublic):
     ignored_files: list[str] = []
 
 
-class DatasetList(BaseModel):
-    items: list[DatasetPublic]
-    total: int
-    limit: int
-    offset: int
-
-
 class ItemPublic(BaseModel):
-    id: int
+    id: int = Field(description="the item's number in its dataset (0, 1, ...; never reused); "
+                                "every request and response names items by it")
     label: str
     filename: str
     excluded: bool = False
-
-
-class ItemList(BaseModel):
-    items: list[ItemPublic]
-    total: int
-    limit: int
-    offset: int
 
 
 class ItemsAdded(BaseModel):

@@ -11,8 +11,9 @@ from starlette.concurrency import run_in_threadpool
 
 from app.deps import Artifacts, Jobs, SettingsDep, Tenant
 from app.jobs import service
-from app.jobs.schemas import JobCreate, JobEvent, JobList, JobPublic
-from worker.jobstore import TERMINAL, JobStatus
+from app.jobs.schemas import JobCreate, JobEvent, JobPublic
+from app.pagination import Limit, Offset, Page, page
+from state.jobstore import TERMINAL, JobStatus
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -27,22 +28,17 @@ def create_job(
     response: Response,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JobPublic:
-    job, created = service.create(jobs, store, settings, tenant, body, idempotency_key)
+    job, created = service.create_training(jobs, store, settings, tenant, body, idempotency_key)
     if not created:
         response.status_code = 200
     return JobPublic(**job)
 
 
-@router.get("", response_model=JobList)
-def list_jobs(
-    tenant: Tenant, jobs: Jobs,
-    status: JobStatus | None = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
-) -> JobList:
+@router.get("", response_model=Page[JobPublic])
+def list_jobs(tenant: Tenant, jobs: Jobs, status: JobStatus | None = None,
+              limit: Limit = 100, offset: Offset = 0) -> Page[JobPublic]:
     items, total = jobs.list_jobs(tenant, status.value if status else None, limit, offset)
-    return JobList(items=[JobPublic(**j) for j in items], total=total, limit=limit,
-                   offset=offset)
+    return page(items, limit, offset, lambda j: JobPublic(**j), total=total)
 
 
 @router.get("/{job_id}", response_model=JobPublic)

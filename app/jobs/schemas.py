@@ -5,7 +5,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from lqf_core.config import Method, TrainConfig
-from worker.jobstore import JobStatus
+from state.jobstore import JobKind, JobStatus
 
 
 class JobCreate(BaseModel):
@@ -17,7 +17,8 @@ class JobCreate(BaseModel):
     hyperparameters: dict[str, Any] = Field(
         default_factory=dict,
         description="Any TrainConfig field except method, backbone and seed "
-        "(e.g. image_size, max_iters, epochs, lr, val_fraction, device)",
+        "(e.g. image_size, max_iters, epochs, lr, val_fraction, device); the rest keep "
+        "their defaults",
     )
     seed: int = Field(default=0, ge=0, le=2**32 - 1)
 
@@ -40,6 +41,8 @@ class JobPublic(BaseModel):
     dataset_id: str
     method: str
     backbone: str
+    # The overrides the job was submitted with, never the full configuration: {} for
+    # forget and self-influence jobs, which reuse their parent model's (GET /models/{id}).
     hyperparameters: dict[str, Any]
     seed: int
     created_at: str
@@ -52,18 +55,11 @@ class JobPublic(BaseModel):
     # "hostname/pid" of the worker that ran it, for operators.
     worker: str | None = None
     attempts: int = 0
-    # "train"; "forget": retrain model parent_model_id without forget_item_ids;
-    # "self_influence": cross-fit model parent_model_id for its mislabel scores.
-    kind: str = "train"
+    # train: a new model on dataset_id; forget: retrain model parent_model_id without
+    # forget_item_ids; self_influence: cross-fit model parent_model_id for mislabel scores.
+    kind: JobKind = JobKind.TRAIN
     parent_model_id: str | None = None
-    forget_item_ids: list[str] | None = None
-
-
-class JobList(BaseModel):
-    items: list[JobPublic]
-    total: int
-    limit: int
-    offset: int
+    forget_item_ids: list[int] | None = None
 
 
 class JobEvent(BaseModel):

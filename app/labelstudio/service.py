@@ -42,7 +42,7 @@ def parse_label_config(label_config: str) -> ChoicesControl:
     for control in root.iter("Choices"):
         name, target = control.get("name"), control.get("toName")
         image = images.get(target)
-        if not name or image is None:
+        if not name or not target or image is None:
             continue
         value = image.get("value", "")
         if not value.startswith("$") or len(value) < 2:

@@ -1,32 +1,26 @@
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import Artifacts, Tenant
 from app.models import service
-from app.models.schemas import ModelList, ModelPublic
+from app.models.schemas import ModelPublic
+from app.pagination import Limit, Offset, Page, page
 
 router = APIRouter(prefix="/models", tags=["models"])
 
 
-@router.get("", response_model=ModelList)
-def list_models(
-    tenant: Tenant, store: Artifacts,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
-) -> ModelList:
-    records = store.list_model_records(tenant)
-    return ModelList(items=[ModelPublic(**r) for r in records[offset : offset + limit]],
-                     total=len(records), limit=limit, offset=offset)
+@router.get("", response_model=Page[ModelPublic])
+def list_models(tenant: Tenant, store: Artifacts, limit: Limit = 100,
+                offset: Offset = 0) -> Page[ModelPublic]:
+    return page(store.list_model_records(tenant), limit, offset, ModelPublic.model_validate)
 
 
 @router.get("/{model_id}", response_model=ModelPublic)
 def get_model(model_id: str, tenant: Tenant, store: Artifacts) -> ModelPublic:
-    return ModelPublic(**service.get_record(store, tenant, model_id))
+    return ModelPublic.model_validate(service.get_record(store, tenant, model_id))
 
 
 @router.get("/{model_id}/weights", response_class=FileResponse)

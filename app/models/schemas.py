@@ -19,11 +19,4 @@ class ModelPublic(BaseModel):
     # Set on a version made by POST /models/{id}/forget: the model it was derived from
     # and every dataset item it was made to forget (its parent's included).
     parent_id: str | None = None
-    forgotten_item_ids: list[str] = []
-
-
-class ModelList(BaseModel):
-    items: list[ModelPublic]
-    total: int
-    limit: int
-    offset: int
+    forgotten_item_ids: list[int] = []

@@ -19,7 +19,7 @@ async def livez() -> dict[str, str]:
 def readyz(jobs: Jobs, settings: SettingsDep) -> JSONResponse:
     checks: dict[str, object] = {}
     try:
-        checks["redis"] = bool(jobs.r.ping())
+        checks["redis"] = jobs.ping()
     except Exception as exc:
         checks["redis"] = False
         checks["redis_error"] = type(exc).__name__

@@ -26,6 +26,7 @@ import os
 import queue
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 
 from app.errors import ApiError
+from lqf_core.device import is_gpu
 from lqf_core.serving import Predictor
 
 log = logging.getLogger("lqf.api")
@@ -42,10 +44,9 @@ log = logging.getLogger("lqf.api")
 class InferenceProcess:
     """The parent's handle on the inference child; thread-safe, one request at a time."""
 
-    def __init__(self, device: str, weights_dir: Path | None, cache_size: int,
+    def __init__(self, device: str, weights_dirs: Sequence[Path] | None, cache_size: int,
                  torch_threads: int = 0):
-        self._args = (device, str(weights_dir) if weights_dir else None, cache_size,
-                      torch_threads)
+        self._args = (device, [str(d) for d in weights_dirs or []], cache_size, torch_threads)
         self._lock = threading.Lock()
         self._process: Any = None  # multiprocessing's process type is context-specific
         self._conn: Connection | None = None
@@ -124,9 +125,9 @@ class InferenceProcess:
 class InferencePool:
     """`size` inference processes; each batch goes to a free one (thread-safe)."""
 
-    def __init__(self, size: int, device: str, weights_dir: Path | None, cache_size: int,
+    def __init__(self, size: int, device: str, weights_dirs: Sequence[Path] | None, cache_size: int,
                  torch_threads: int = 0):
-        self.processes = [InferenceProcess(device, weights_dir, cache_size, torch_threads)
+        self.processes = [InferenceProcess(device, weights_dirs, cache_size, torch_threads)
                           for _ in range(size)]
         self._free: queue.SimpleQueue[InferenceProcess] = queue.SimpleQueue()
         for process in self.processes:
@@ -165,7 +166,7 @@ def pool_shape(processes: int, torch_threads: int, device: str) -> tuple[int, in
     """(processes, intra-op threads each) for the settings' 0 = automatic values."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     cores = cores or 1
-    gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    gpu = is_gpu(device)
     if processes <= 0:
         processes = 1 if gpu else min(cores, MAX_AUTO_PROCESSES)
     if torch_threads <= 0:
@@ -177,7 +178,7 @@ def pool_shape(processes: int, torch_threads: int, device: str) -> tuple[int, in
 MAX_AUTO_PROCESSES = 4
 
 
-def serve(conn: Connection, device: str, weights_dir: str | None, cache_size: int,
+def serve(conn: Connection, device: str, weights_dirs: list[str], cache_size: int,
           torch_threads: int) -> None:
     """The child's loop: answer ("predict", dir, version, x) until ("stop",) or EOF."""
     if torch_threads > 0:
@@ -200,7 +201,7 @@ def serve(conn: Connection, device: str, weights_dir: str | None, cache_size: in
             key = (directory, version)
             predictor = models.get(key)
             if predictor is None:
-                predictor = Predictor.load(directory, device=device, weights_dir=weights_dir)
+                predictor = Predictor.load(directory, device=device, weights_dir=weights_dirs)
                 models[key] = predictor
                 while len(models) > cache_size:
                     models.popitem(last=False)

@@ -3,14 +3,21 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 
-class PredictRequest(BaseModel):
+class PredictOptions(BaseModel):
+    """The fields of a prediction request in either encoding (app.bodies)."""
+
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     model_id: str
-    images: list[str] = Field(min_length=1, description="base64-encoded image files")
     top_k: int | None = Field(default=None, ge=1, description="classes per prediction")
     uncertainty: bool = Field(default=False, description="add the posterior predictive "
                               "(lqf models only)")
+
+
+class PredictRequest(PredictOptions):
+    """The JSON encoding: images as base64 strings."""
+
+    images: list[str] = Field(min_length=1, description="base64-encoded image files")
 
 
 class PredictionUncertainty(BaseModel):

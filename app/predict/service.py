@@ -6,7 +6,6 @@ import asyncio
 import functools
 import io
 import logging
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +16,13 @@ import torch
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
+from app.cache import AsyncLRU
 from app.config import Settings
-from app.errors import ApiError
 from app.predict.batcher import MicroBatcher
 from app.predict.inference import InferencePool, pool_shape
 from lqf_core.data import open_image
 from lqf_core.serving import Predictor
-from worker.store import ArtifactStore
+from state.artifacts import ArtifactStore
 
 log = logging.getLogger("lqf.api")
 
@@ -41,50 +40,37 @@ class PredictorCache:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.size = settings.model_cache_size
         processes, threads = pool_shape(settings.predict_processes,
                                         settings.predict_torch_threads, settings.predict_device)
         # The API process also loads each model: for preprocessing, class names and the
         # closed-form queries. Batches of predictions run in the inference processes.
         self.inference = (
-            InferencePool(processes, settings.predict_device, settings.weights_dir,
+            InferencePool(processes, settings.predict_device, settings.weights_dirs(),
                           settings.model_cache_size, threads)
             if settings.predict_process else None
         )
         # A thread per batch in flight (each waits on its process), one for model loads.
         self.executor = ThreadPoolExecutor(processes + 1, thread_name_prefix="predict")
-        self._models: OrderedDict[str, Loaded] = OrderedDict()
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._models: AsyncLRU[Loaded] = AsyncLRU(settings.model_cache_size,
+                                                  on_drop=self._dispose)
 
     async def get(self, store: ArtifactStore, model_id: str, version: str) -> Loaded:
-        loaded = self._models.get(model_id)
-        if loaded is not None:
-            self._models.move_to_end(model_id)
-            return loaded
-        lock = self._locks.setdefault(model_id, asyncio.Lock())
-        async with lock:  # concurrent first requests load the model once
-            loaded = self._models.get(model_id)
-            if loaded is None:
-                directory = store.model_dir(model_id)
-                predictor = await asyncio.get_running_loop().run_in_executor(
-                    self.executor, lambda: Predictor.load(
-                        directory, device=self.settings.predict_device,
-                        weights_dir=self.settings.weights_dir))
-                predict, concurrency = predictor.predict_batch, 1
-                if self.inference is not None and await self._inference_started():
-                    predict = functools.partial(self.inference.predict, directory,
-                                                predictor.model_version or version)
-                    concurrency = self.inference.size
-                batcher = MicroBatcher(predict, self.executor,
-                                       self.settings.predict_max_batch,
-                                       self.settings.predict_max_wait_ms / 1000, concurrency)
-                loaded = Loaded(predictor, batcher, predictor.model_version or version, directory)
-                self._models[model_id] = loaded
-                while len(self._models) > self.size:
-                    _, old = self._models.popitem(last=False)
-                    await old.batcher.close()
-        self._locks.pop(model_id, None)
-        return loaded
+        return await self._models.get(model_id, lambda: self._load(store, model_id, version))
+
+    async def _load(self, store: ArtifactStore, model_id: str, version: str) -> Loaded:
+        directory = store.model_dir(model_id)
+        predictor = await asyncio.get_running_loop().run_in_executor(
+            self.executor, lambda: Predictor.load(
+                directory, device=self.settings.predict_device,
+                weights_dir=self.settings.weights_dirs()))
+        predict, concurrency = predictor.predict_batch, 1
+        if self.inference is not None and await self._inference_started():
+            predict = functools.partial(self.inference.predict, directory,
+                                        predictor.model_version or version)
+            concurrency = self.inference.size
+        batcher = MicroBatcher(predict, self.executor, self.settings.predict_max_batch,
+                               self.settings.predict_max_wait_ms / 1000, concurrency)
+        return Loaded(predictor, batcher, predictor.model_version or version, directory)
 
     async def _inference_started(self) -> bool:
         """Start the inference processes; if this API process cannot spawn them (e.g. it was
@@ -100,17 +86,18 @@ class PredictorCache:
             self.inference = None
             return False
 
+    async def _dispose(self, loaded: Loaded) -> None:
+        await loaded.batcher.close()
+        if self.inference is not None:  # in the predict thread: never block the loop
+            self.executor.submit(self.inference.evict, loaded.directory)
+
     def evict(self, model_id: str) -> None:
-        loaded = self._models.pop(model_id, None)
+        loaded = self._models.evict(model_id)
         if loaded is not None:
-            asyncio.ensure_future(loaded.batcher.close())
-            if self.inference is not None:  # in the predict thread: never block the loop
-                self.executor.submit(self.inference.evict, loaded.directory)
+            asyncio.ensure_future(self._dispose(loaded))
 
     async def close(self) -> None:
-        for loaded in self._models.values():
-            await loaded.batcher.close()
-        self._models.clear()
+        await self._models.clear()
         self.executor.shutdown(wait=False, cancel_futures=True)
         if self.inference is not None:
             self.inference.close()
@@ -158,11 +145,3 @@ async def predict(loaded: Loaded, x: torch.Tensor, top_k: int | None) -> list[di
         out.append({"label": names[int(order[0])],
                     "probabilities": {names[int(i)]: float(row[i]) for i in order}})
     return out
-
-
-def check_count(n: int, settings: Settings) -> None:
-    if n == 0:
-        raise ApiError(422, "no images given", "no_images")
-    if n > settings.max_predict_images:
-        raise ApiError(413, f"{n} images in one request, the limit is "
-                            f"{settings.max_predict_images}", "too_many_images")

@@ -1,35 +1,32 @@
-"""Closed-form queries of lqf models and exact unlearning (issue 4)."""
+"""What a linear-quadratic model answers: influence, self-influence, exact unlearning."""
 
 from __future__ import annotations
 
-import base64
-import binascii
 from typing import Annotated, Any
 
 import torch
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
 
+from app.bodies import ImageBodySpec, parse_image_body
 from app.deps import Artifacts, Jobs, SettingsDep, Tenant
-from app.errors import ApiError
 from app.jobs import service as jobs_service
 from app.jobs.schemas import JobPublic
-from app.models.service import get_record
+from app.models.service import get_record, require_lqf
 from app.predict.service import prepare
 from app.queries.schemas import (
     MAX_TOP_K,
     ForgetRequest,
+    InfluenceOptions,
     InfluenceRequest,
     InfluenceResponse,
     SelfInfluenceMethod,
     SelfInfluenceResponse,
     Variant,
 )
-from app.queries.service import image_url, require_lqf
-from worker.store import ArtifactStore, read_json
+from app.queries.service import image_url
+from state.artifacts import ArtifactStore, read_json
 
 router = APIRouter(prefix="/models", tags=["queries"])
 
@@ -52,42 +49,8 @@ _INFLUENCE_BODY = {
 }
 
 
-def _validation(exc: ValidationError) -> ApiError:
-    errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
-    return ApiError(422, errors, "validation_error")  # type: ignore[arg-type]
-
-
-async def _parse_influence(request: Request) -> tuple[bytes, int, Variant]:
-    content_type = request.headers.get("content-type", "")
-    if content_type.startswith("multipart/form-data"):
-        form = await request.form(max_files=2)
-        upload = form.get("file")
-        if not isinstance(upload, UploadFile):
-            raise ApiError(422, "multipart field 'file' (the image) is required", "no_images")
-        fields: dict[str, Any] = {"image": "", "top_k": form.get("top_k") or 5,
-                                  "variant": form.get("variant") or Variant.FIRST_ORDER}
-        try:
-            body = InfluenceRequest.model_validate(fields)
-        except ValidationError as exc:
-            raise _validation(exc) from None
-        data = await upload.read()
-        if not data:
-            raise ApiError(422, "the uploaded file is empty", "invalid_data")
-        return data, body.top_k, body.variant
-    if content_type.startswith("application/json"):
-        try:
-            body = InfluenceRequest.model_validate_json(await request.body())
-        except ValidationError as exc:
-            raise _validation(exc) from None
-        try:
-            data = base64.b64decode(body.image, validate=True)
-        except (binascii.Error, ValueError):
-            raise ApiError(422, "image is not valid base64", "invalid_data") from None
-        if not data:
-            raise ApiError(422, "image is empty", "invalid_data")
-        return data, body.top_k, body.variant
-    raise ApiError(415, "send multipart/form-data (file, top_k, variant) or JSON "
-                        "(image as base64, top_k, variant)", "unsupported_media_type")
+INFLUENCE_BODY = ImageBodySpec(InfluenceOptions, InfluenceRequest, json_field="image",
+                               upload_field="file")
 
 
 @router.post("/{model_id}/influence", response_model=InfluenceResponse,
@@ -95,12 +58,14 @@ async def _parse_influence(request: Request) -> tuple[bytes, int, Variant]:
 async def influence(model_id: str, request: Request, tenant: Tenant,
                     store: Artifacts) -> InfluenceResponse:
     record = await run_in_threadpool(get_record, store, tenant, model_id)  # 404 first
-    data, top_k, variant = await _parse_influence(request)
+    body = await parse_image_body(request, INFLUENCE_BODY, max_images=1)
+    options = body.options
     entry = await request.app.state.posteriors.get(store, record, request.app.state.predictors)
-    x: torch.Tensor = await run_in_threadpool(prepare, entry.predictor, [("file", data)])
-    out = await request.app.state.posteriors.run(entry.influence, x, top_k,
-                                                 variant == Variant.EXACT_LOO)
-    return InfluenceResponse(model_id=model_id, variant=variant, solver=entry.solver, **out)
+    x: torch.Tensor = await run_in_threadpool(prepare, entry.predictor, body.images)
+    out = await request.app.state.posteriors.run(entry.influence, x, options.top_k,
+                                                 options.variant == Variant.EXACT_LOO)
+    return InfluenceResponse(model_id=model_id, variant=options.variant, solver=entry.solver,
+                             **out)
 
 
 @router.get(
@@ -158,8 +123,7 @@ def forget(
     `parent_id` is this model). The items are excluded from the dataset at once, so no
     later training job uses them."""
     job, created = jobs_service.create_forget(jobs, store, settings, tenant, model_id,
-                                              [str(i) for i in body.item_ids],
-                                              idempotency_key)
+                                              body.item_ids, idempotency_key)
     if not created:
         response.status_code = 200
     return JobPublic(**job)

@@ -18,16 +18,23 @@ class Solver(StrEnum):
 MAX_TOP_K = 100
 
 
-class InfluenceRequest(BaseModel):
+class InfluenceOptions(BaseModel):
+    """The fields of an influence request in either encoding (app.bodies)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    image: str = Field(description="a base64-encoded image file")
     top_k: int = Field(default=5, ge=1, le=MAX_TOP_K)
     variant: Variant = Variant.FIRST_ORDER
 
 
+class InfluenceRequest(InfluenceOptions):
+    """The JSON encoding: the image as a base64 string."""
+
+    image: str = Field(description="a base64-encoded image file")
+
+
 class InfluenceItem(BaseModel):
-    item_id: str
+    item_id: int
     label: str
     score: float
     image_url: str
@@ -45,7 +52,7 @@ class InfluenceResponse(BaseModel):
 
 
 class SelfInfluenceItem(BaseModel):
-    item_id: str
+    item_id: int
     label: str
     predicted_label: str
     score: float
@@ -74,5 +81,5 @@ class SelfInfluenceResponse(BaseModel):
 class ForgetRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    item_ids: list[int | str] = Field(min_length=1, max_length=20_000,
-                                      description="dataset item ids to forget")
+    item_ids: list[int] = Field(min_length=1, max_length=20_000,
+                                description="dataset item ids to forget")

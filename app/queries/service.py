@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,35 +22,31 @@ from typing import Any
 import torch
 from torch import nn
 
+from app.cache import AsyncLRU
 from app.config import Settings
 from app.errors import ApiError
+from app.models.service import require_lqf
 from app.predict.service import Loaded, PredictorCache
-from lqf_core.config import Method
 from lqf_core.data import open_image
 from lqf_core.posterior import LQFPosterior
 from lqf_core.serving import Predictor
-from worker.store import ArtifactStore
+from state.artifacts import ArtifactStore
+from state.records import ItemsGone, ModelRecord, item_ids_of
 
 PREFIX_BATCH = 64
 
 
-def require_lqf(record: dict[str, Any], what: str = "influence queries") -> None:
-    if record.get("method") != Method.LQF.value:
-        raise ApiError(422, f"only lqf models answer {what}; model {record['id']} is "
-                            f"{record.get('method')}", "not_lqf")
-
-
-def image_url(dataset_id: str, item_id: str) -> str:
+def image_url(dataset_id: str, item_id: int) -> str:
     return f"/datasets/{dataset_id}/items/{item_id}/image"
 
 
 @dataclass
-class Entry:
+class PosteriorEntry:
     posterior: LQFPosterior
     prefix: nn.Module
     predictor: Predictor
     dataset_id: str
-    item_ids: list[str]
+    item_ids: list[int]
     labels: list[str]  # given label of each training item
     exact: bool
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -117,40 +112,34 @@ class Entry:
                 "image_url": image_url(self.dataset_id, item_id)}
 
 
-def build_entry(store: ArtifactStore, record: dict[str, Any], predictor: Predictor,
-                exact_limit: int) -> Entry:
+def build_entry(store: ArtifactStore, record: ModelRecord, predictor: Predictor,
+                exact_limit: int) -> PosteriorEntry:
     """The posterior of one model from its dataset's stored images (blocking)."""
     model = predictor.model
-    ids = [str(i) for i in model.info.get("train_item_ids", [])]
+    ids = item_ids_of(model.info, "train_item_ids")
     dataset_id = str(model.info.get("dataset_id") or record["dataset_id"])
-    gone = ApiError(409, f"the dataset {dataset_id} the model was trained on is gone; "
-                         "queries need its training images", "dataset_gone")
     if store.dataset_meta(dataset_id) is None:
-        raise gone
-    manifest = store.manifest(dataset_id)
-    by_id = {str(it["id"]): it for it in manifest["items"]}
-    missing = [i for i in ids if i not in by_id]
-    if missing or not ids:
-        raise ApiError(409, f"training items {missing[:10]} of model {record['id']} are no "
-                            "longer in its dataset", "incompatible_model")
-    index = {name: k for k, name in enumerate(model.class_names)}
-    labels = [by_id[i]["label"] for i in ids]
-    strange = sorted(set(labels) - set(index))
-    if strange:
-        raise ApiError(409, f"labels {strange} are not classes of the model",
+        raise ApiError(409, f"the dataset {dataset_id} the model was trained on is gone; "
+                            "queries need its training images", "dataset_gone")
+    if not ids:
+        raise ApiError(409, f"model {record['id']} lists no training items",
                        "incompatible_model")
     root = store.dataset_dir(dataset_id)
-    x = torch.stack([predictor.preprocess(open_image(root / by_id[i]["file"])) for i in ids])
-    prefix = predictor.backbone.split(model.config.suffix_blocks)[0].to(predictor.device)
+    try:
+        files, y, labels = store.manifest(dataset_id).resolve(ids, model.class_names, root)
+    except ItemsGone as exc:
+        raise ApiError(409, f"model {record['id']}: {exc}", "incompatible_model") from None
+    x = torch.stack([predictor.preprocess(open_image(f)) for f in files])
+    prefix = predictor.backbone.split(model.config.suffix)[0].to(predictor.device)
     prefix.eval()
     exact = len(ids) * model.num_classes <= exact_limit
-    entry = Entry(posterior=None, prefix=prefix, predictor=predictor,  # type: ignore[arg-type]
-                  dataset_id=dataset_id, item_ids=ids, labels=labels, exact=exact)
-    y = torch.tensor([index[label] for label in labels])
+    entry = PosteriorEntry(posterior=None,  # type: ignore[arg-type]
+                           prefix=prefix, predictor=predictor, dataset_id=dataset_id,
+                           item_ids=ids, labels=labels, exact=exact)
     # IncompatibleModelError (the data no longer reproduce the model) -> 409.
     # float64 where CG gives exact answers; float32 suffices for K-FAC (and is faster).
-    entry.posterior = LQFPosterior(model, predictor.backbone, entry.features(x), y,
-                                   device=predictor.device,
+    entry.posterior = LQFPosterior(model, predictor.backbone, entry.features(x),
+                                   torch.tensor(y), device=predictor.device,
                                    dtype=torch.float64 if exact else torch.float32)
     return entry
 
@@ -160,42 +149,28 @@ class PosteriorCache:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.size = settings.posterior_cache_size
         self.executor = ThreadPoolExecutor(settings.query_threads, thread_name_prefix="query")
-        self._entries: OrderedDict[str, Entry] = OrderedDict()
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._entries: AsyncLRU[PosteriorEntry] = AsyncLRU(settings.posterior_cache_size)
 
-    async def get(self, store: ArtifactStore, record: dict[str, Any],
-                  predictors: PredictorCache) -> Entry:
+    async def get(self, store: ArtifactStore, record: ModelRecord,
+                  predictors: PredictorCache) -> PosteriorEntry:
         require_lqf(record)
-        model_id = record["id"]
-        entry = self._entries.get(model_id)
-        if entry is not None:
-            self._entries.move_to_end(model_id)
+
+        async def build() -> PosteriorEntry:
+            loaded: Loaded = await predictors.get(store, record["id"], record["model_version"])
+            entry: PosteriorEntry = await self.run(build_entry, store, record,
+                                                   loaded.predictor,
+                                                   self.settings.exact_query_limit)
             return entry
-        lock = self._locks.setdefault(model_id, asyncio.Lock())
-        try:
-            async with lock:  # concurrent first queries build it once
-                entry = self._entries.get(model_id)
-                if entry is None:
-                    loaded: Loaded = await predictors.get(store, model_id,
-                                                          record["model_version"])
-                    entry = await self.run(build_entry, store, record, loaded.predictor,
-                                            self.settings.exact_query_limit)
-                    self._entries[model_id] = entry
-                    while len(self._entries) > self.size:
-                        self._entries.popitem(last=False)
-        finally:
-            if not lock.locked():
-                self._locks.pop(model_id, None)
-        return entry
+
+        return await self._entries.get(record["id"], build)
 
     async def run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     def evict(self, model_id: str) -> None:
-        self._entries.pop(model_id, None)
+        self._entries.evict(model_id)
 
-    def close(self) -> None:
-        self._entries.clear()
+    async def close(self) -> None:
+        await self._entries.clear()
         self.executor.shutdown(wait=False, cancel_futures=True)

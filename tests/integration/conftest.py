@@ -4,27 +4,15 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from app.embedded import (
-    RedisServer,
-    api_command,
-    free_port,
-    spawn,
-    stop_process,
-    wait_http,
-    worker_command,
-)
+from app.launcher import LocalService, free_port
 
 from .datagen import folder_zip, make_samples
 from .helpers import KEYS, QUEUE, submit, upload, wait_job
@@ -35,59 +23,26 @@ LABEL_STUDIO_TOKEN = "ls-test-token"
 # Small limits so the bad-input tests can exceed them cheaply.
 LIMITS = {"LQF_MAX_ARCHIVE_FILES": "300", "LQF_MAX_UNCOMPRESSED_BYTES": str(4 * 1024 * 1024),
           "LQF_MAX_UPLOAD_BYTES": str(8 * 1024 * 1024),
-          # K-FAC for queries: float32 CG solves take minutes on a CPU (see report).
+          # K-FAC for queries: the CG path's solves take minutes on a CPU at the default
+          # limit (a float64 CG solve per output and query image).
           "LQF_EXACT_QUERY_LIMIT": "0"}
 
 
-@dataclass
-class Service:
-    base_url: str
-    data_dir: Path
-    log_dir: Path
-    env: dict[str, str]
-    workers: list[subprocess.Popen] = field(default_factory=list)
-
+class Service(LocalService):
     def client(self, tenant: str = "alice", **kw: Any) -> httpx.Client:
         headers = {"Authorization": f"Bearer {KEYS[tenant]}"} if tenant else {}
         return httpx.Client(base_url=self.base_url, headers=headers, timeout=60, **kw)
-
-    def start_worker(self, name: str = "w") -> subprocess.Popen:
-        log = open(self.log_dir / f"worker-{name}-{len(self.workers)}.log", "wb")  # noqa: SIM115
-        proc = spawn(worker_command(QUEUE, f"{name}-{len(self.workers)}@%h"), self.env,
-                     cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        self.workers.append(proc)
-        return proc
-
-    def wait_ready(self, timeout: float = 90, min_workers: int = 1) -> None:
-        deadline = time.monotonic() + timeout
-        with httpx.Client(base_url=self.base_url, timeout=5) as c:
-            while time.monotonic() < deadline:
-                r = c.get("/readyz")
-                if r.status_code == 200 and r.json()["checks"]["workers"] >= min_workers:
-                    return
-                time.sleep(0.3)
-        raise AssertionError(f"service not ready: {r.text}")
-
-    def live_workers(self) -> list[subprocess.Popen]:
-        return [p for p in self.workers if p.poll() is None]
 
 
 @pytest.fixture(scope="session")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     root = tmp_path_factory.mktemp("lqf-service")
-    data_dir, log_dir = root / "data", root / "logs"
-    log_dir.mkdir()
-    redis = RedisServer(root / "redis", persist=False).start()
-    port = free_port()
+    log_dir = root / "logs"
     env = {
         # A stand-in Label Studio that test_labelstudio.py serves on this port.
         "LQF_LABEL_STUDIO_URL": f"http://127.0.0.1:{LABEL_STUDIO_PORT}",
         "LQF_LABEL_STUDIO_API_KEY": LABEL_STUDIO_TOKEN,
         **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "PYTHONUNBUFFERED": "1",
-        "LQF_REDIS_URL": redis.url,
-        "LQF_DATA_DIR": str(data_dir),
         "LQF_QUEUE": QUEUE,
         "LQF_API_KEYS": ",".join(f"{t}:{k}" for t, k in KEYS.items()),
         # Short lease and sweep so the worker-death test settles in seconds.
@@ -97,21 +52,13 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         "LQF_PREDICT_MAX_WAIT_MS": "5",
         **LIMITS,
     }
-    svc = Service(f"http://127.0.0.1:{port}", data_dir, log_dir, env)
-    api_log = open(log_dir / "api.log", "wb")  # noqa: SIM115
-    api = spawn(api_command("127.0.0.1", port), env, cwd=ROOT, stdout=api_log,
-                stderr=subprocess.STDOUT)
-    svc.start_worker()
+    svc = Service(data_dir=root / "data", redis_dir=root / "redis", env=env, log_dir=log_dir)
     try:
-        wait_http(f"{svc.base_url}/livez", [api], timeout=120)
+        svc.start()
         svc.wait_ready()
         yield svc
     finally:
-        stop_process(api, signal.SIGTERM, timeout=15)
-        for proc in svc.workers:
-            stop_process(proc, signal.SIGTERM, timeout=30)
-        redis.stop()
-        api_log.close()
+        svc.stop()
         if os.environ.get("LQF_TEST_SHOW_LOGS"):
             for log in sorted(log_dir.iterdir()):
                 sys.stderr.write(f"--- {log.name}\n{log.read_text(errors='replace')[-5000:]}\n")

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.embedded import free_port
+from app.launcher import free_port
 
 pytestmark = pytest.mark.integration
 

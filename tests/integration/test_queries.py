@@ -1,4 +1,4 @@
-"""Issue 4 over REST: influence, self-influence, predict with uncertainty, forget."""
+"""Over REST: influence, self-influence, predict with uncertainty, forget."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def noisy(service) -> dict[str, Any]:
         assert r.status_code == 201, r.text
         ds = r.json()
         items = c.get(f"/datasets/{ds['id']}/items", params={"limit": 1000}).json()["items"]
-        flipped = {str(it["id"]) for it in items
+        flipped = {it["id"] for it in items
                    if int(it["filename"].rsplit("_", 1)[1].split(".")[0]) in FLIPPED}
         assert len(flipped) == len(FLIPPED)
         # 30 solver iterations, not the default 10: at 10, the K-FAC leave-one-out ranking
@@ -48,7 +48,7 @@ def png(seed: int) -> bytes:
 
 def test_influence_multipart_and_json(alice, noisy):
     model_id, ds = noisy["model"]["id"], noisy["dataset"]["id"]
-    ids = {str(it["id"]): it["label"] for it in noisy["items"]}
+    ids = {it["id"]: it["label"] for it in noisy["items"]}
     r = alice.post(f"/models/{model_id}/influence", data={"top_k": "3"},
                    files={"file": ("q.png", png(99), "image/png")})
     assert r.status_code == 200, r.text
@@ -75,7 +75,7 @@ def test_influence_multipart_and_json(alice, noisy):
     assert all(e["score"] < 0 for e in loo["proponents"]) and len(loo["proponents"]) <= 3
 
 
-def assert_ranking(body: dict[str, Any], noisy: dict[str, Any], ids: dict[str, str]) -> None:
+def assert_ranking(body: dict[str, Any], noisy: dict[str, Any], ids: dict[int, str]) -> None:
     """30 items ranked, 6 shown in descending order, >= 2 of the 3 flipped labels there."""
     assert body["total"] == 30 and len(body["items"]) == 6
     scores = [e["score"] for e in body["items"]]
@@ -89,7 +89,7 @@ def assert_ranking(body: dict[str, Any], noisy: dict[str, Any], ids: dict[str, s
 
 def test_self_influence_by_leverage_ranks_flipped_labels_high(alice, noisy):
     model_id = noisy["model"]["id"]
-    ids = {str(it["id"]): it["label"] for it in noisy["items"]}
+    ids = {it["id"]: it["label"] for it in noisy["items"]}
     r = alice.get(f"/models/{model_id}/self-influence",
                   params={"limit": 6, "method": "leverage"})
     assert r.status_code == 200, r.text
@@ -100,7 +100,7 @@ def test_self_influence_by_leverage_ranks_flipped_labels_high(alice, noisy):
 
 def test_self_influence_by_crossfit_is_a_job_then_a_ranking(alice, bob, noisy):
     model_id = noisy["model"]["id"]
-    ids = {str(it["id"]): it["label"] for it in noisy["items"]}
+    ids = {it["id"]: it["label"] for it in noisy["items"]}
     r = alice.get(f"/models/{model_id}/self-influence", params={"limit": 6})
     assert r.status_code == 202, r.text
     job = r.json()
@@ -202,7 +202,7 @@ def test_forget_makes_a_new_version_and_excludes_items(alice, noisy):
     assert job["parent_model_id"] == parent["id"] and job["forget_item_ids"] == forgotten
     # The dataset records the exclusion at once.
     listed = alice.get(f"/datasets/{ds}/items", params={"limit": 1000}).json()["items"]
-    assert {str(it["id"]) for it in listed if it["excluded"]} == set(forgotten)
+    assert {it["id"] for it in listed if it["excluded"]} == set(forgotten)
     assert alice.get(f"/datasets/{ds}").json()["num_items"] == 30 - len(forgotten)
 
     done = wait_job(alice, job["id"], FINAL)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import shutil
 
-from worker.logs import configure_logging
-from worker.store import ArtifactStore, write_json
+from state.artifacts import ArtifactStore, write_json
+from state.logs import configure_logging
 
 
 def test_model_records_are_cached_but_follow_the_file(tmp_path):

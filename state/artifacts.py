@@ -16,29 +16,16 @@ import contextlib
 import fcntl
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-_ID_RE = re.compile(r"^[a-z]{2,4}_[0-9a-f]{32}$")
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex}"
-
-
-def is_valid_id(value: str, prefix: str) -> bool:
-    """Ids become path components, so anything but our own format is refused."""
-    return bool(_ID_RE.match(value)) and value.startswith(prefix + "_")
-
-
-def utc_now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+from state.ids import is_valid_id
+from state.records import DatasetManifest, DatasetSummary, ModelRecord
 
 
 def read_json(path: Path) -> Any:
@@ -73,7 +60,7 @@ class ArtifactStore:
         # Model records never change once published (staged, then renamed into place), so
         # a parsed record stays valid while its file is the same one: /predict reads the
         # record on every request, and a stat is cheaper than a read and a parse.
-        self._records: dict[str, tuple[tuple[int, int], dict[str, Any]]] = {}
+        self._records: dict[str, tuple[tuple[int, int], ModelRecord]] = {}
 
     def ensure(self) -> ArtifactStore:
         for path in (self.datasets, self.models, self.tmp):
@@ -116,17 +103,31 @@ class ArtifactStore:
             raise KeyError(dataset_id)
         return self.datasets / dataset_id
 
-    def dataset_meta(self, dataset_id: str) -> dict[str, Any] | None:
+    def dataset_meta(self, dataset_id: str) -> DatasetSummary | None:
         try:
-            return read_json(self.dataset_dir(dataset_id) / "dataset.json")
+            return cast(DatasetSummary, read_json(self.dataset_dir(dataset_id) / "dataset.json"))
         except (KeyError, FileNotFoundError):
             return None
 
-    def manifest(self, dataset_id: str) -> dict[str, Any]:
-        return read_json(self.dataset_dir(dataset_id) / "manifest.json")
+    def tenant_dataset(self, tenant: str, dataset_id: str) -> DatasetSummary | None:
+        """The dataset's summary if it exists and belongs to `tenant`, else None."""
+        meta = self.dataset_meta(dataset_id)
+        return meta if meta is not None and meta.get("tenant") == tenant else None
 
-    def list_dataset_metas(self, tenant: str) -> list[dict[str, Any]]:
-        return self._list(self.datasets, "dataset.json", tenant)
+    def manifest(self, dataset_id: str) -> DatasetManifest:
+        return DatasetManifest.from_json(read_json(self.dataset_dir(dataset_id) / "manifest.json"))
+
+    def write_dataset(self, directory: Path, manifest: DatasetManifest,
+                      meta: DatasetSummary) -> DatasetSummary:
+        """Write manifest, then the summary computed from it, into a dataset directory
+        (a staging one, or the live one under `dataset_lock`) -> the summary."""
+        summary = manifest.summary(meta)
+        write_json(directory / "manifest.json", manifest.to_json())
+        write_json(directory / "dataset.json", summary)
+        return summary
+
+    def list_dataset_metas(self, tenant: str) -> list[DatasetSummary]:
+        return cast(list[DatasetSummary], self._list(self.datasets, "dataset.json", tenant))
 
     @contextlib.contextmanager
     def dataset_lock(self, dataset_id: str) -> Iterator[None]:
@@ -141,16 +142,14 @@ class ArtifactStore:
 
     def training_items(self, dataset_id: str
                        ) -> tuple[list[Path], list[int], list[str], list[str]]:
-        """(image paths, label indices, class names, item ids as strings) of the items not
-        excluded, in the same order."""
-        manifest = self.manifest(dataset_id)
-        excluded = set(manifest.get("excluded", []))
-        items = [it for it in manifest["items"] if it["id"] not in excluded]
-        class_names = sorted({it["label"] for it in items})
+        """(image paths, label indices, class names, item ids as lqf_core's strings) of
+        the items a new training job uses, in the same order."""
+        items = self.manifest(dataset_id).active_items()
+        class_names = sorted({it.label for it in items})
         index = {name: i for i, name in enumerate(class_names)}
         root = self.dataset_dir(dataset_id)
-        return ([root / it["file"] for it in items], [index[it["label"]] for it in items],
-                class_names, [str(it["id"]) for it in items])
+        return ([root / it.file for it in items], [index[it.label] for it in items],
+                class_names, [str(it.id) for it in items])
 
     # -- models ---------------------------------------------------------------------
     def model_dir(self, model_id: str) -> Path:
@@ -162,7 +161,7 @@ class ArtifactStore:
         """A model's cross-fitted mislabel scores (a self-influence job's result)."""
         return self.model_dir(model_id) / "self_influence.json"
 
-    def model_record(self, model_id: str) -> dict[str, Any] | None:
+    def model_record(self, model_id: str) -> ModelRecord | None:
         try:
             path = self.model_dir(model_id) / "record.json"
             stat = path.stat()
@@ -179,8 +178,13 @@ class ArtifactStore:
         self._records[model_id] = (key, record)
         return record
 
-    def list_model_records(self, tenant: str) -> list[dict[str, Any]]:
-        return self._list(self.models, "record.json", tenant)
+    def tenant_model(self, tenant: str, model_id: str) -> ModelRecord | None:
+        """The model's record if it exists and belongs to `tenant`, else None."""
+        record = self.model_record(model_id)
+        return record if record is not None and record.get("tenant") == tenant else None
+
+    def list_model_records(self, tenant: str) -> list[ModelRecord]:
+        return cast(list[ModelRecord], self._list(self.models, "record.json", tenant))
 
     def _list(self, parent: Path, filename: str, tenant: str) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []

@@ -24,7 +24,7 @@ from typing import Any
 
 import redis
 
-from worker.store import new_id, utc_now
+from state.ids import new_id, utc_now
 
 JSON_FIELDS = ("hyperparameters", "progress", "metrics", "error", "forget_item_ids")
 IDEMPOTENCY_TTL_S = 24 * 3600
@@ -42,6 +42,14 @@ class JobStatus(StrEnum):
 
 TERMINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED}
 ACTIVE = {JobStatus.RUNNING, JobStatus.CANCELLING}
+
+
+class JobKind(StrEnum):
+    """What a job does; each kind has one Celery task (state.queue) and one worker module."""
+
+    TRAIN = "train"  # train a new model on a dataset
+    FORGET = "forget"  # retrain model `parent_model_id` without `forget_item_ids`
+    SELF_INFLUENCE = "self_influence"  # cross-fit `parent_model_id` for mislabel scores
 
 
 class IdempotencyConflict(Exception):
@@ -101,6 +109,7 @@ return 0
 class JobStore:
     def __init__(self, client: redis.Redis):
         # decode_responses=True is assumed: every reply is str (redis-py types say bytes | str).
+        # Only this class talks to Redis: the key layout above is its business alone.
         self.r: Any = client
         self._transition = client.register_script(_TRANSITION)
         self._claim = client.register_script(_CLAIM)
@@ -116,10 +125,20 @@ class JobStore:
             )
         )
 
+    def ping(self) -> bool:
+        return bool(self.r.ping())
+
+    def queue_depth(self, queue: str) -> int:
+        """Tasks waiting in a Celery queue. kombu keeps priority levels in sibling lists
+        named queue + "\x06\x16" + level."""
+        keys = [queue] + [f"{queue}\x06\x16{p}" for p in (3, 6, 9)]
+        return sum(int(self.r.llen(k)) for k in keys)
+
     # -- create / read ----------------------------------------------------------------
     def create(
         self,
         tenant: str,
+        kind: JobKind,
         fields: dict[str, Any],
         idempotency_key: str | None = None,
         fingerprint: str = "",
@@ -150,6 +169,7 @@ class JobStore:
             "error": None,
             "attempts": 0,
             **fields,
+            "kind": kind.value,
         }
         pipe = self.r.pipeline()
         pipe.hset(_k("job", job_id), mapping=_encode(record))

@@ -1,0 +1,86 @@
+"""What several job kinds share: the model a derived job starts from, and storing a
+new model version with its record."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from lqf_core.artifacts import load_model, save_model
+from lqf_core.config import TrainConfig
+from lqf_core.model import TrainedModel
+from state.artifacts import ArtifactStore, write_json
+from state.ids import new_id, utc_now
+from state.records import DatasetManifest, ItemsGone, ModelRecord, item_ids_of
+from worker.lifecycle import JobContext, JobFailure, Outcome, job_device
+
+
+def require_dataset(artifacts: ArtifactStore, job: dict[str, Any]) -> DatasetManifest:
+    if artifacts.dataset_meta(job["dataset_id"]) is None:
+        raise JobFailure("dataset_not_found",
+                         f"dataset {job['dataset_id']} was deleted before the job ran")
+    return artifacts.manifest(job["dataset_id"])
+
+
+def parent_model(job: dict[str, Any], context: JobContext) -> TrainedModel:
+    """The model a forget or self-influence job works on, on the job's device; the model
+    and its dataset must still exist."""
+    model_id = job["parent_model_id"]
+    if context.artifacts.model_record(model_id) is None:
+        raise JobFailure("model_not_found", f"model {model_id} was deleted before the job ran")
+    require_dataset(context.artifacts, job)
+    model = load_model(context.artifacts.model_dir(model_id))
+    model.config = model.config.replace(device=job_device(job, context.settings))
+    return model
+
+
+def model_items(model: TrainedModel, manifest: DatasetManifest, ids: list[str],
+                root: Path) -> tuple[list[Path], list[int]]:
+    """(image files, class indices) of a model's items (lqf_core's string ids)."""
+    try:
+        files, labels, _ = manifest.resolve([int(i) for i in ids], model.class_names, root)
+    except ItemsGone as exc:
+        raise JobFailure("invalid_data", str(exc)) from None
+    return files, labels
+
+
+def new_model(model: TrainedModel, config: TrainConfig) -> Outcome:
+    """The outcome of a job that made a model: stored as a new model version."""
+    def store(artifacts: ArtifactStore, job: dict[str, Any]) -> tuple[str, Path]:
+        model_id = _store_model(artifacts, job, config, model)
+        return model_id, artifacts.model_dir(model_id)
+
+    return Outcome(dict(model.metrics), store)
+
+
+def _store_model(artifacts: ArtifactStore, job: dict[str, Any], config: TrainConfig,
+                 model: TrainedModel) -> str:
+    """Write the model and its record to staging, then rename into place -> model id."""
+    model_id = new_id("mdl")
+    model.info.update(job_id=job["id"], dataset_id=job["dataset_id"], tenant=job["tenant"],
+                      model_id=model_id)
+    staging = artifacts.make_staging_dir("model")
+    try:
+        version = save_model(model, staging)
+        record: ModelRecord = {
+            "id": model_id,
+            "tenant": job["tenant"],
+            "job_id": job["id"],
+            "dataset_id": job["dataset_id"],
+            "method": config.method.value,
+            "backbone": config.backbone,
+            "classes": list(model.class_names),
+            "metrics": {k: float(v) for k, v in model.metrics.items()},
+            "hyperparameters": config.to_dict(),
+            "model_version": version,
+            "created_at": utc_now(),
+            "parent_id": model.info.get("parent_id"),
+            "forgotten_item_ids": item_ids_of(model.info, "forgotten_item_ids"),
+        }
+        write_json(staging / "record.json", record)
+        artifacts.commit(staging, artifacts.model_dir(model_id))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return model_id

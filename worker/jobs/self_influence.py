@@ -1,0 +1,44 @@
+"""`self_influence` jobs: a model's cross-fitted mislabel scores, stored beside it."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lqf_core.crossfit import DEFAULT_FOLDS, cross_fit_model
+from state.artifacts import ArtifactStore, write_json
+from state.ids import utc_now
+from worker.jobs.models import model_items, parent_model, require_dataset
+from worker.lifecycle import JobContext, Outcome
+
+
+def compute_self_influence(job: dict[str, Any], context: JobContext) -> Outcome:
+    model_id, dataset_id = job["parent_model_id"], job["dataset_id"]
+    model = parent_model(job, context)
+    ids = [str(i) for i in model.info.get("train_item_ids", [])]
+    files, labels = model_items(model, require_dataset(context.artifacts, job), ids,
+                                context.artifacts.dataset_dir(dataset_id))
+    started = time.monotonic()
+    result = cross_fit_model(model, files, labels, ids, folds=DEFAULT_FOLDS,
+                             progress=context.progress, should_stop=context.should_stop,
+                             weights_dir=context.settings.weights_dirs())
+    seconds = time.monotonic() - started
+    order = torch.argsort(result.scores, descending=True).tolist()
+    names = model.class_names
+    scores = {
+        "model_id": model_id, "method": "crossfit", "folds": DEFAULT_FOLDS,
+        "job_id": job["id"], "created_at": utc_now(), "seconds": seconds,
+        "items": [{"item_id": int(ids[i]), "label": names[labels[i]],
+                   "predicted_label": names[int(result.predicted[i])],
+                   "score": float(result.scores[i])} for i in order],
+    }
+
+    def store(artifacts: ArtifactStore, job: dict[str, Any]) -> tuple[str, Path]:
+        path = artifacts.self_influence_path(model_id)
+        write_json(path, scores)
+        return model_id, path
+
+    return Outcome({"seconds": seconds, "items": float(len(ids))}, store)
