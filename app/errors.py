@@ -31,6 +31,12 @@ class ApiError(Exception):
         self.status, self.detail, self.code = status, detail, code
 
 
+# OpenAPI `responses` of a route whose closed-form part runs under LQF_QUERY_TIMEOUT_S.
+QUERY_TIMEOUT_RESPONSE: dict[int | str, dict[str, Any]] = {
+    503: {"description": "the query passed LQF_QUERY_TIMEOUT_S and was stopped "
+                         "(code query_timeout)"}}
+
+
 def not_found(kind: str, ident: str) -> ApiError:
     # The same answer whether it does not exist or belongs to another tenant.
     return ApiError(404, f"{kind} {ident!r} not found", f"{kind}_not_found")

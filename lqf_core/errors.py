@@ -31,5 +31,10 @@ class IncompatibleModelError(LQFError, ValueError):
     """A saved model cannot be loaded by this version or on this backbone."""
 
 
-class TrainingCancelled(LQFError):
+class Cancelled(LQFError):
+    """The caller's `should_stop` callback returned True: a cancelled or stopped job, a
+    query past its deadline. Work stops at its next check and leaves no partial result."""
+
+
+class TrainingCancelled(Cancelled):
     """Raised inside training when the caller's `should_stop` callback returns True."""

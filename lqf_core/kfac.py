@@ -208,8 +208,8 @@ class KFACPreconditioner:
             out[f.weight_name] = mat.reshape(w.shape)
         return self.space.flatten(out)
 
-    def output_forms(self, lin: LinearizedNet, z: torch.Tensor,
-                     batch_size: int = 32) -> torch.Tensor:
+    def output_forms(self, lin: LinearizedNet, z: torch.Tensor, batch_size: int = 32,
+                     on_batch: Callable[[], None] | None = None) -> torch.Tensor:
         """J(z_i) K^-1 J(z_i)^T for every input, (n, C, C), with K^-1 this preconditioner.
 
         The same numbers as applying `self` to each of the C rows of J(z_i), but without
@@ -227,6 +227,8 @@ class KFACPreconditioner:
         forms = []
         with _LayerTaps(lin) as taps, torch.enable_grad():
             for sl in batches(z.shape[0], batch_size):
+                if on_batch is not None:
+                    on_batch()  # e.g. raises to stop
                 out, unfolded = taps.run(z[sl])
                 grads = [taps.output_grads(out[:, c].sum()) for c in range(out.shape[1])]
                 total = out.new_zeros(out.shape[0], out.shape[1], out.shape[1])

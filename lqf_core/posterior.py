@@ -17,18 +17,23 @@ H = J^T J / N + lambda I, so:
 
 H^-1 v is a preconditioned CG solve (exact to its tolerance) or, as a faster option,
 the K-FAC approximation (one application of the preconditioner).
+
+Every query can be interrupted: inside `with posterior.interruptible(should_stop)`, the
+solves and the loops over items poll `should_stop` and raise `Cancelled` when it says
+so (a service's deadline), leaving the posterior's caches as they were.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 from lqf_core.backbones import Backbone
 from lqf_core.config import Method
-from lqf_core.errors import IncompatibleModelError, InvalidDataError
+from lqf_core.errors import Cancelled, IncompatibleModelError, InvalidDataError
 from lqf_core.kfac import KFACPreconditioner
 from lqf_core.lqf import LQFSetup, build_lqf_problem, fit_lqf_head, kfac_preconditioner
 from lqf_core.model import TrainedModel
@@ -109,6 +114,20 @@ class LQFPosterior:
         self._kfac: KFACPreconditioner | None = None
         self._leverages: dict[bool, torch.Tensor] = {}  # by exactness
         self._reference_trace: float | None = None
+        self._should_stop: Callable[[], bool] | None = None
+
+    @contextlib.contextmanager
+    def interruptible(self, should_stop: Callable[[], bool] | None) -> Iterator[None]:
+        """Queries inside the block stop (raise Cancelled) once `should_stop()` is true."""
+        previous, self._should_stop = self._should_stop, should_stop
+        try:
+            yield
+        finally:
+            self._should_stop = previous
+
+    def _check(self) -> None:
+        if self._should_stop is not None and self._should_stop():
+            raise Cancelled("the query was stopped before it finished")
 
     @property
     def n(self) -> int:
@@ -126,7 +145,7 @@ class LQFPosterior:
     def inverse_hessian(self, exact: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
         """v -> H^-1 v, by PCG to `tol` (exact) or by the K-FAC approximation."""
         if self._kfac is None:
-            self._kfac = kfac_preconditioner(self.problem)
+            self._kfac = kfac_preconditioner(self.problem, on_batch=lambda *_: self._check())
         kfac = self._kfac
         if not exact:
             return kfac
@@ -134,7 +153,8 @@ class LQFPosterior:
         def solve(v: torch.Tensor) -> torch.Tensor:
             result = conjugate_gradient(self.problem.hessian_matvec, v,
                                         preconditioner=kfac if self.precondition else None,
-                                        tol=self.tol, max_iters=self.max_iters)
+                                        tol=self.tol, max_iters=self.max_iters,
+                                        should_stop=self._should_stop)
             return result.x
 
         return solve
@@ -143,7 +163,8 @@ class LQFPosterior:
         """J(z_i) K^-1 J(z_i)^T with K the K-FAC approximation of H, (m, C, C)."""
         self.inverse_hessian(exact=False)  # builds the factors once
         assert self._kfac is not None
-        return self._kfac.output_forms(self.lin, z.to(self.device, self.dtype))
+        return self._kfac.output_forms(self.lin, z.to(self.device, self.dtype),
+                                       on_batch=self._check)
 
     def _output_gradients(self, z: torch.Tensor) -> torch.Tensor:
         """J(z)^T e_c for one input z (1, ...) and every output c, (C, P)."""
@@ -162,6 +183,7 @@ class LQFPosterior:
         solve = self.inverse_hessian(exact)
         out = []
         for i in range(z.shape[0]):
+            self._check()
             zi = z[i:i + 1].to(self.device, self.dtype)
             grads = self._output_gradients(zi)
             columns = torch.stack([solve(g) for g in grads])  # (C, P): H^-1 J^T e_c
@@ -204,6 +226,7 @@ class LQFPosterior:
                 solve = self.inverse_hessian(exact)
                 out = []
                 for i in range(self.n):
+                    self._check()
                     grads = self._output_gradients(self.problem.z[i:i + 1])
                     columns = torch.stack([solve(g) for g in grads])
                     out.append(grads @ columns.T / self.n)

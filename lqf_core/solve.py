@@ -57,7 +57,8 @@ def conjugate_gradient(
     iterations = 0
     for iterations in range(1, max_iters + 1):
         if should_stop is not None and should_stop():
-            raise TrainingCancelled("cancelled during the solve")
+            # A Cancelled: a training job's stop, or a query's deadline (the posterior's solves).
+            raise TrainingCancelled("stopped during the solve")
         hp = matvec(p)
         alpha = rz / torch.dot(p, hp)
         x = x + alpha * p

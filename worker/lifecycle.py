@@ -23,7 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from lqf_core.errors import LQFError, TrainingCancelled
+from lqf_core.errors import Cancelled, LQFError
 from lqf_core.train import Progress
 from state.artifacts import ArtifactStore
 from state.jobstore import JobStatus, JobStore
@@ -201,7 +201,7 @@ def _execute(jobs: JobStore, job: dict[str, Any], settings: WorkerSettings, leas
         outcome = compute(job, context)
     except JobFailure as exc:
         return _fail(jobs, job_id, exc.code, exc.message)
-    except TrainingCancelled:
+    except Cancelled:
         if stopper.reason == "shutdown":
             return _fail(jobs, job_id, "worker_shutdown",
                          "the worker was shut down while the job ran; submit it again")

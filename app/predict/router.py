@@ -6,6 +6,7 @@ from fastapi.responses import JSONResponse
 from app import metrics
 from app.bodies import ImageBodySpec, parse_image_body
 from app.deps import Artifacts, SettingsDep, Tenant
+from app.errors import QUERY_TIMEOUT_RESPONSE
 from app.models.service import get_record, require_lqf
 from app.predict import service
 from app.predict.schemas import PredictOptions, PredictRequest, PredictResponse
@@ -35,9 +36,12 @@ PREDICT_BODY = ImageBodySpec(PredictOptions, PredictRequest, json_field="images"
 
 
 @router.post("/predict", response_model=PredictResponse, openapi_extra=_OPENAPI_BODY,
+             responses=QUERY_TIMEOUT_RESPONSE,
              response_model_exclude_none=True)
 async def predict(request: Request, tenant: Tenant, store: Artifacts,
                   settings: SettingsDep) -> JSONResponse:
+    # The deadline of the closed-form part counts from the request's arrival.
+    deadline = request.app.state.posteriors.deadline()
     body = await parse_image_body(request, PREDICT_BODY, settings.max_predict_images)
     options, images = body.options, body.images
     model_id = options.model_id
@@ -49,9 +53,9 @@ async def predict(request: Request, tenant: Tenant, store: Artifacts,
     predictions = await service.predict(loaded, x, options.top_k)
     if options.uncertainty:
         posteriors = request.app.state.posteriors
-        entry = await posteriors.get(store, record, request.app.state.predictors)
-        for prediction, extra in zip(predictions, await posteriors.run(entry.uncertainty, x),
-                                     strict=True):
+        entry = await posteriors.get(store, record, request.app.state.predictors, deadline)
+        extras = await posteriors.run(deadline, entry.uncertainty, x, deadline)
+        for prediction, extra in zip(predictions, extras, strict=True):
             prediction["uncertainty"] = extra
     metrics.PREDICTED_IMAGES.inc(len(images))
     # Built in the PredictResponse shape from plain str/float values: returning it as is

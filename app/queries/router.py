@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.bodies import ImageBodySpec, parse_image_body
 from app.deps import Artifacts, Jobs, SettingsDep, Tenant
+from app.errors import QUERY_TIMEOUT_RESPONSE
 from app.jobs import service as jobs_service
 from app.jobs.schemas import JobPublic
 from app.models.service import get_record, require_lqf
@@ -54,23 +55,26 @@ INFLUENCE_BODY = ImageBodySpec(InfluenceOptions, InfluenceRequest, json_field="i
 
 
 @router.post("/{model_id}/influence", response_model=InfluenceResponse,
+             responses=QUERY_TIMEOUT_RESPONSE,
              openapi_extra=_INFLUENCE_BODY)
 async def influence(model_id: str, request: Request, tenant: Tenant,
                     store: Artifacts) -> InfluenceResponse:
+    posteriors = request.app.state.posteriors
+    deadline = posteriors.deadline()
     record = await run_in_threadpool(get_record, store, tenant, model_id)  # 404 first
     body = await parse_image_body(request, INFLUENCE_BODY, max_images=1)
     options = body.options
-    entry = await request.app.state.posteriors.get(store, record, request.app.state.predictors)
+    entry = await posteriors.get(store, record, request.app.state.predictors, deadline)
     x: torch.Tensor = await run_in_threadpool(prepare, entry.predictor, body.images)
-    out = await request.app.state.posteriors.run(entry.influence, x, options.top_k,
-                                                 options.variant == Variant.EXACT_LOO)
+    out = await posteriors.run(deadline, entry.influence, x, options.top_k,
+                               options.variant == Variant.EXACT_LOO, deadline)
     return InfluenceResponse(model_id=model_id, variant=options.variant, solver=entry.solver,
                              **out)
 
 
 @router.get(
     "/{model_id}/self-influence", response_model=SelfInfluenceResponse,
-    responses={202: {"model": JobPublic,
+    responses={**QUERY_TIMEOUT_RESPONSE, 202: {"model": JobPublic,
                      "description": "crossfit scores not computed yet: the job computing "
                                     "them (poll its Location, then ask again)"}},
 )
@@ -88,9 +92,10 @@ async def self_influence(
     record = await run_in_threadpool(get_record, store, tenant, model_id)
     require_lqf(record, "self-influence")
     if method == SelfInfluenceMethod.LEVERAGE:
-        entry = await request.app.state.posteriors.get(store, record,
-                                                       request.app.state.predictors)
-        items, total = await request.app.state.posteriors.run(entry.self_influence, limit)
+        posteriors = request.app.state.posteriors
+        deadline = posteriors.deadline()
+        entry = await posteriors.get(store, record, request.app.state.predictors, deadline)
+        items, total = await posteriors.run(deadline, entry.self_influence, limit, deadline)
         return SelfInfluenceResponse(model_id=model_id, method=method, solver=entry.solver,
                                      total=total, items=items)
     stored = await run_in_threadpool(_stored_self_influence, store, model_id)

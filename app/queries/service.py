@@ -9,15 +9,21 @@ leverages and K-FAC factors are computed lazily and cached inside it).
 
 Exactness: H^-1 is applied by CG solves (exact to tolerance) when N*C is at most
 LQF_EXACT_QUERY_LIMIT, else by the K-FAC approximation; every answer says which.
+
+Deadlines: every query, its posterior's build included, runs under a `Deadline`
+(LQF_QUERY_TIMEOUT_S). The blocking work polls it and stops (lqf_core's `Cancelled`)
+once it has passed, so a thread is never left computing an answer nobody waits for;
+the client gets a 503 that names the limit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -27,13 +33,17 @@ from app.config import Settings
 from app.errors import ApiError
 from app.models.service import require_lqf
 from app.predict.service import Loaded, PredictorCache
+from app.queries.deadline import Deadline
 from lqf_core.data import open_image
+from lqf_core.errors import Cancelled
 from lqf_core.posterior import LQFPosterior
 from lqf_core.serving import Predictor
 from state.artifacts import ArtifactStore
 from state.records import ItemsGone, ModelRecord, item_ids_of
 
 PREFIX_BATCH = 64
+DEADLINE_GRACE_S = 1.0
+T = TypeVar("T")
 
 
 def image_url(dataset_id: str, item_id: int) -> str:
@@ -59,16 +69,19 @@ class PosteriorEntry:
     def class_names(self) -> list[str]:
         return self.predictor.class_names
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor, deadline: Deadline | None = None) -> torch.Tensor:
+        out = []
         with torch.no_grad():
-            z = torch.cat([self.prefix(x[i:i + PREFIX_BATCH].to(self.predictor.device))
-                           for i in range(0, len(x), PREFIX_BATCH)])
-        return z
+            for i in range(0, len(x), PREFIX_BATCH):
+                if deadline is not None:
+                    deadline.check()
+                out.append(self.prefix(x[i:i + PREFIX_BATCH].to(self.predictor.device)))
+        return torch.cat(out)
 
     # -- queries (blocking: run in the executor) ----------------------------------------
-    def uncertainty(self, x: torch.Tensor) -> list[dict[str, Any]]:
-        with self.lock:
-            u = self.posterior.uncertainty(self.features(x), exact=self.exact)
+    def uncertainty(self, x: torch.Tensor, deadline: Deadline) -> list[dict[str, Any]]:
+        with self.lock, self.posterior.interruptible(deadline.passed):
+            u = self.posterior.uncertainty(self.features(x, deadline), exact=self.exact)
         names = self.class_names
         out = []
         for probs, cov, ood in zip(u.probabilities.cpu(), u.covariance.cpu(),
@@ -82,8 +95,9 @@ class PosteriorEntry:
             })
         return out
 
-    def influence(self, x: torch.Tensor, top_k: int, exact_loo: bool) -> dict[str, Any]:
-        with self.lock:
+    def influence(self, x: torch.Tensor, top_k: int, exact_loo: bool,
+                  deadline: Deadline) -> dict[str, Any]:
+        with self.lock, self.posterior.interruptible(deadline.passed):
             inf = self.posterior.influence(self.features(x[:1]), exact=self.exact,
                                            with_loo=exact_loo)
         scores = (inf.exact if exact_loo and inf.exact is not None else inf.first_order)
@@ -97,8 +111,8 @@ class PosteriorEntry:
                 "proponents": [self._item(i, float(scores[i])) for i in proponents],
                 "opponents": [self._item(i, float(scores[i])) for i in opponents]}
 
-    def self_influence(self, limit: int) -> tuple[list[dict[str, Any]], int]:
-        with self.lock:
+    def self_influence(self, limit: int, deadline: Deadline) -> tuple[list[dict[str, Any]], int]:
+        with self.lock, self.posterior.interruptible(deadline.passed):
             scores, loo_labels = self.posterior.self_influence(exact=self.exact)
         scores = scores.detach().double().cpu()
         order = torch.argsort(scores, descending=True)[:limit]
@@ -113,7 +127,7 @@ class PosteriorEntry:
 
 
 def build_entry(store: ArtifactStore, record: ModelRecord, predictor: Predictor,
-                exact_limit: int) -> PosteriorEntry:
+                exact_limit: int, deadline: Deadline) -> PosteriorEntry:
     """The posterior of one model from its dataset's stored images (blocking)."""
     model = predictor.model
     ids = item_ids_of(model.info, "train_item_ids")
@@ -130,6 +144,7 @@ def build_entry(store: ArtifactStore, record: ModelRecord, predictor: Predictor,
     except ItemsGone as exc:
         raise ApiError(409, f"model {record['id']}: {exc}", "incompatible_model") from None
     x = torch.stack([predictor.preprocess(open_image(f)) for f in files])
+    deadline.check()
     prefix = predictor.backbone.split(model.config.suffix)[0].to(predictor.device)
     prefix.eval()
     exact = len(ids) * model.num_classes <= exact_limit
@@ -138,8 +153,9 @@ def build_entry(store: ArtifactStore, record: ModelRecord, predictor: Predictor,
                            item_ids=ids, labels=labels, exact=exact)
     # IncompatibleModelError (the data no longer reproduce the model) -> 409.
     # float64 where CG gives exact answers; float32 suffices for K-FAC (and is faster).
-    entry.posterior = LQFPosterior(model, predictor.backbone, entry.features(x),
-                                   torch.tensor(y), device=predictor.device,
+    z = entry.features(x, deadline)
+    entry.posterior = LQFPosterior(model, predictor.backbone, z, torch.tensor(y),
+                                   device=predictor.device,
                                    dtype=torch.float64 if exact else torch.float32)
     return entry
 
@@ -152,21 +168,42 @@ class PosteriorCache:
         self.executor = ThreadPoolExecutor(settings.query_threads, thread_name_prefix="query")
         self._entries: AsyncLRU[PosteriorEntry] = AsyncLRU(settings.posterior_cache_size)
 
-    async def get(self, store: ArtifactStore, record: ModelRecord,
-                  predictors: PredictorCache) -> PosteriorEntry:
+    def deadline(self) -> Deadline:
+        return Deadline(self.settings.query_timeout_s)
+
+    async def get(self, store: ArtifactStore, record: ModelRecord, predictors: PredictorCache,
+                  deadline: Deadline) -> PosteriorEntry:
         require_lqf(record)
 
         async def build() -> PosteriorEntry:
             loaded: Loaded = await predictors.get(store, record["id"], record["model_version"])
-            entry: PosteriorEntry = await self.run(build_entry, store, record,
-                                                   loaded.predictor,
-                                                   self.settings.exact_query_limit)
+            entry: PosteriorEntry = await self.run(
+                deadline, build_entry, store, record, loaded.predictor,
+                self.settings.exact_query_limit, deadline)
             return entry
 
         return await self._entries.get(record["id"], build)
 
-    async def run(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+    async def run(self, deadline: Deadline, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) in the query thread pool, within the deadline -> its result, or a
+        503 once the deadline has passed (fn, which polls the deadline, then stops)."""
+        def guarded() -> T:
+            deadline.check()  # it may have waited in the pool's queue past the deadline
+            return fn(*args)
+
+        future = asyncio.get_running_loop().run_in_executor(self.executor, guarded)
+        # Retrieved here if nobody waits for it any more (it stopped past the deadline).
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        try:
+            # A little grace: the thread notices the deadline at its next poll.
+            return await asyncio.wait_for(asyncio.shield(future),
+                                          deadline.remaining() + DEADLINE_GRACE_S)
+        except (Cancelled, TimeoutError):
+            deadline.expire()
+            raise ApiError(503, f"the query did not finish within LQF_QUERY_TIMEOUT_S = "
+                                f"{deadline.seconds:g} s and was stopped; ask for fewer "
+                                "images, or see the README on which queries are slow",
+                           "query_timeout") from None
 
     def evict(self, model_id: str) -> None:
         self._entries.evict(model_id)

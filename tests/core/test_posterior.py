@@ -8,7 +8,7 @@ import torch
 
 from lqf_core.classifier import build_classifier
 from lqf_core.config import TrainConfig
-from lqf_core.errors import IncompatibleModelError, InvalidDataError
+from lqf_core.errors import Cancelled, IncompatibleModelError, InvalidDataError
 from lqf_core.posterior import LQFPosterior
 from lqf_core.train import train_model
 from lqf_core.unlearn import forget
@@ -205,3 +205,30 @@ def test_uncertainty_grows_away_from_the_data(trained, backbone, data):
     torch.testing.assert_close(near.probabilities.sum(1), torch.ones(4, dtype=torch.float64))
     assert float(far.ood_score.min()) > float(near.ood_score.max())
     torch.testing.assert_close(near.mean, post.outputs(z_in))
+
+
+def test_a_query_stops_when_told_and_leaves_the_posterior_as_it_was(backbone, data):
+    x, labels, x_test = data
+    model = train_model(x, labels.tolist(), ["a", "b", "c"], CONFIG, backbone=backbone)
+    with torch.no_grad():
+        z = backbone.split(CONFIG.suffix_blocks)[0](x)
+        z_test = backbone.split(CONFIG.suffix_blocks)[0](x_test)
+    post = LQFPosterior(model, backbone, z, labels, tol=1e-10, max_iters=2000,
+                        precondition=False)
+    calls = {"n": 0, "allowed": 0}
+
+    def stop_after_allowed() -> bool:
+        calls["n"] += 1
+        return calls["n"] > calls["allowed"]
+
+    # (query, polls answered "go on" first): the K-FAC forms poll once per batch of items.
+    for query, allowed in ((lambda: post.leverages(exact=True), 3),
+                           (lambda: post.predictive_covariance(z_test, exact=True), 3),
+                           (lambda: post.leverages(exact=False), 0)):
+        calls.update(n=0, allowed=allowed)
+        with post.interruptible(stop_after_allowed), pytest.raises(Cancelled):
+            query()
+        assert calls["n"] == allowed + 1  # stopped at the first poll that said so
+    assert post._leverages == {}  # nothing half-computed was kept
+    # Outside the block the same queries run to the end.
+    assert post.leverages(exact=True).shape == (len(z), 3, 3)

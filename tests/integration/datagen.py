@@ -76,3 +76,21 @@ def bomb_png(width: int = 20_000, height: int = 20_000) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw))
             + chunk(b"IEND", b""))
+
+
+def digits_samples(per_class: int, size: int = 32) -> list[tuple[str, bytes]]:
+    """scikit-learn's bundled 8x8 digits, the first `per_class` of each class, as
+    `size`-px greyscale PNGs: a small real data set of 10 classes."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    out: list[tuple[str, bytes]] = []
+    for label in range(10):
+        rows = [i for i, t in enumerate(digits.target) if t == label][:per_class]
+        for i in rows:
+            pixels = (digits.images[i] * (255 / 16)).astype("uint8")
+            img = Image.fromarray(pixels, mode="L").resize((size, size), Image.NEAREST)
+            buffer = io.BytesIO()
+            img.save(buffer, format="PNG")
+            out.append((f"digit_{label}", buffer.getvalue()))
+    return out

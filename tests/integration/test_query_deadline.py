@@ -1,0 +1,97 @@
+"""Every closed-form query answers within LQF_QUERY_TIMEOUT_S or gets a 503, and its
+work is stopped. The case that once ran for 17.5 minutes: a default job (MobileNetV2) on
+150 digit images (15 per class, 32 px), then `uncertainty=true` for one image; N*C =
+1,500 is under the default LQF_EXACT_QUERY_LIMIT, so it takes the CG path, whose solves
+do not converge in 500 iterations at this size (docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import base64
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from app.launcher import LocalService
+
+from .datagen import digits_samples, folder_zip
+from .helpers import FINAL, KEYS, upload, wait_job
+
+pytestmark = pytest.mark.integration
+
+TIMEOUT_S = 4.0
+# The deadline is polled between solver iterations and K-FAC batches (about 1 s each
+# here) and the answer has a grace second: this is how late a 503 may come.
+LATE_S = 6.0
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.fixture(scope="module")
+def exact_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalService]:
+    """A service with the default exact-query limit (the shared one uses K-FAC only)."""
+    root = tmp_path_factory.mktemp("lqf-deadline")
+    env = {"LQF_QUEUE": "lqf-deadline", "LQF_API_KEYS": f"alice:{KEYS['alice']}",
+           "LQF_QUERY_TIMEOUT_S": str(TIMEOUT_S), "LQF_EXACT_QUERY_LIMIT": "2000"}
+    service = LocalService(data_dir=root / "data", redis_dir=root / "redis", env=env,
+                           log_dir=root / "logs")
+    try:
+        service.start()
+        service.wait_ready()
+        yield service
+    finally:
+        service.stop()
+
+
+@pytest.fixture(scope="module")
+def digits_model(exact_service: LocalService) -> dict[str, Any]:
+    with httpx.Client(base_url=exact_service.base_url, timeout=60,
+                      headers={"Authorization": f"Bearer {KEYS['alice']}"}) as c:
+        r = upload(c, folder_zip(digits_samples(15)), name="digits")
+        assert r.status_code == 201, r.text
+        job = c.post("/jobs", json={"dataset_id": r.json()["id"]}).json()  # all defaults
+        done = wait_job(c, job["id"], FINAL, timeout=300)
+        assert done["status"] == "succeeded", done
+        return c.get(f"/models/{done['model_id']}").json()
+
+
+def test_an_exact_query_past_its_deadline_is_a_503_and_stops(exact_service, digits_model):
+    image = digits_samples(1)[0][1]
+    assert exact_service.api is not None
+    api = exact_service.api.pid
+    with httpx.Client(base_url=exact_service.base_url, timeout=120,
+                      headers={"Authorization": f"Bearer {KEYS['alice']}"}) as c:
+        queries = [
+            ("/predict", {"data": {"model_id": digits_model["id"], "uncertainty": "true"},
+                          "files": [("files", ("a.png", image, "image/png"))]}),
+            (f"/models/{digits_model['id']}/influence",
+             {"json": {"image": base64.b64encode(image).decode(), "variant": "exact_loo"}}),
+        ]
+        for path, kwargs in queries:
+            started = time.monotonic()
+            r = c.post(path, **kwargs)
+            elapsed = time.monotonic() - started
+            assert r.status_code == 503, r.text
+            body = r.json()
+            assert body["code"] == "query_timeout" and "LQF_QUERY_TIMEOUT_S" in body["detail"]
+            assert elapsed < TIMEOUT_S + LATE_S, elapsed
+            # The work behind it stopped: the API process goes quiet.
+            time.sleep(LATE_S)
+            before = cpu_seconds(api)
+            time.sleep(3.0)
+            assert cpu_seconds(api) - before < 0.5, "the stopped query kept computing"
+        # The service still answers everything else at once.
+        r = c.post("/predict", data={"model_id": digits_model["id"]},
+                   files=[("files", ("a.png", image, "image/png"))])
+        assert r.status_code == 200 and "uncertainty" not in r.json()["predictions"][0]
+    exact_service.stop()
+    assert exact_service.log_dir is not None
+    log = (exact_service.log_dir / "api.log").read_text(errors="replace")
+    assert "Exception in ASGI application" not in log and "Traceback" not in log
