@@ -16,9 +16,12 @@ from app.datasets.router import router as datasets_router
 from app.deps import get_artifacts, get_job_store
 from app.errors import install_error_handlers
 from app.jobs.router import router as jobs_router
+from app.labelstudio.connections import manage as labelstudio_connections
+from app.labelstudio.connections import protocol as labelstudio_protocol
 from app.labelstudio.router import router as labelstudio_router
 from app.metrics import MetricsMiddleware, RedisCollector
 from app.models.router import router as models_router
+from app.names.router import router as names_router
 from app.ops.router import router as ops_router
 from app.predict.router import router as predict_router
 from app.predict.service import PredictorCache
@@ -82,7 +85,8 @@ def create_app() -> FastAPI:
     install_error_handlers(app)
     # Routes match in this order: the hot path (/predict) first.
     for router in (predict_router, ops_router, datasets_router, jobs_router, models_router,
-                   queries_router, labelstudio_router):
+                   names_router, queries_router, labelstudio_connections,
+                   labelstudio_protocol, labelstudio_router):
         app.include_router(router)
     app.add_middleware(BodySizeLimit, limit=settings.max_upload_bytes)
     app.add_middleware(MetricsMiddleware)

@@ -54,6 +54,17 @@ CANDIDATE_SETS: dict[str, dict[str, dict]] = {
         "weight_decay=1e-4": {"weight_decay": 1e-4},
         "weight_decay=1e-2": {"weight_decay": 1e-2},
     },
+    # The converged objective of the K-FAC-metric ridge (lqf_core.lqf) against today's
+    # early stop; converged means the relative gradient norm reached tol = 1e-4.
+    "regularizer": {
+        "defaults": {},
+        "kfac mu=1": {"regularizer": "kfac", "metric_strength": 1.0, "tol": 1e-4,
+                      "max_iters": 500},
+        "kfac mu=10": {"regularizer": "kfac", "metric_strength": 10.0, "tol": 1e-4,
+                       "max_iters": 500},
+        "kfac mu=100": {"regularizer": "kfac", "metric_strength": 100.0, "tol": 1e-4,
+                        "max_iters": 500},
+    },
 }
 
 
@@ -97,9 +108,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             with torch.no_grad():
                 logits = build_classifier(model, backbone, torch.device("cpu")).logits(x_dev)
             acc = float((logits.argmax(1) == y_dev).float().mean())
+            solver = {k: model.info.get(k) for k in
+                      ("solver_iterations", "relative_grad_norm", "solver_converged")}
             runs.append({"candidate": name, "seed": seed, "dev_accuracy": acc,
-                         "train_seconds": seconds, "settings": change})
-            log(f"seed {seed} {name}: dev accuracy {acc:.4f} ({seconds:.1f} s)")
+                         "train_seconds": seconds, "settings": change, **solver})
+            log(f"seed {seed} {name}: dev accuracy {acc:.4f} ({seconds:.1f} s, "
+                f"{solver['solver_iterations']} its, grad {solver['relative_grad_norm']:.1e})")
     command = "python -m bench.lqf_defaults " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     meta = {"command": command.strip(), "shots": args.shots, "base": base,
@@ -114,14 +128,18 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def markdown(runs: list[dict], meta: dict) -> str:
     rows = ["| candidate | " + " | ".join(f"seed {s}" for s in meta["seeds"])
-            + " | mean | train s (mean) |", "|---|" + "---|" * (len(meta["seeds"]) + 2)]
+            + " | mean | train s (mean) | solver its (mean) | rel. grad norm (max) |",
+            "|---|" + "---|" * (len(meta["seeds"]) + 4)]
     names = list(dict.fromkeys(r["candidate"] for r in runs))
     for name in names:
         mine = [r for r in runs if r["candidate"] == name]
         accs = [100 * r["dev_accuracy"] for r in mine]
         seconds = np.mean([r["train_seconds"] for r in mine])
+        its = [r["solver_iterations"] for r in mine if r.get("solver_iterations") is not None]
+        grads = [r["relative_grad_norm"] for r in mine if r.get("relative_grad_norm") is not None]
         rows.append(f"| {name} | " + " | ".join(f"{a:.2f}" for a in accs)
-                    + f" | {np.mean(accs):.2f} | {seconds:.1f} |")
+                    + f" | {np.mean(accs):.2f} | {seconds:.1f} | "
+                    + (f"{np.mean(its):.0f} | {max(grads):.1e} |" if its else " | |"))
     return (f"# LQF defaults study\n\n`{meta['command']}` — {meta['date']}, "
             f"{meta['machine'].get('cpu', '')}\n\nDev accuracy (%) on {meta['dev_size']} "
             f"Fashion-MNIST training-pool images outside every seed's {meta['shots']}-shot "

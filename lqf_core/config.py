@@ -24,6 +24,16 @@ class LQFLoss(StrEnum):
     CE = "ce"  # ablation only: cross-entropy on the linearized model
 
 
+class Regularizer(StrEnum):
+    """The penalty on dw = w - w0."""
+
+    ISOTROPIC = "isotropic"  # lambda/2 ||dw||^2
+    # mu/2 dw^T (K + lambda I) dw, K the K-FAC approximation of J^T J / N: the generalised
+    # ridge that early-stopped K-FAC-preconditioned CG approximates (docs/method.md). The
+    # preconditioned system is well conditioned, so the solve converges to `tol`.
+    KFAC = "kfac"
+
+
 class ProbeKind(StrEnum):
     RIDGE = "ridge"
     LOGISTIC = "logistic"
@@ -57,6 +67,8 @@ class TrainConfig:
     probe_l2: float = 10.0
     loss: LQFLoss = LQFLoss.MSE
     use_kfac: bool = True
+    regularizer: Regularizer = Regularizer.ISOTROPIC
+    metric_strength: float = 1.0  # mu of the "kfac" regularizer
     # PCG iterations (or optimiser steps for the CE ablation). An early stop, not a converged
     # solve: validation accuracy peaks after 5-10 iterations (bench.solver), and the transfer
     # benchmark's validation split chose 10 over 30 in 11 of 12 LQF runs.
@@ -116,6 +128,7 @@ class TrainConfig:
              "null (the backbone's default) or between 0 and 64"),
             ("kappa", self.kappa > 0, "positive"),
             ("weight_decay", self.weight_decay > 0, "positive"),
+            ("metric_strength", self.metric_strength > 0, "positive"),
             ("probe_l2", self.probe_l2 > 0, "positive"),
             ("max_iters", 1 <= self.max_iters <= 100_000, "between 1 and 100000"),
             ("tol", 0 < self.tol < 1, "in (0, 1)"),
@@ -127,13 +140,17 @@ class TrainConfig:
         for name, ok, expected in checks:
             if not ok:
                 raise InvalidConfigError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+        if self.regularizer == Regularizer.KFAC and not (
+                self.use_kfac and self.loss == LQFLoss.MSE):
+            raise InvalidConfigError("regularizer 'kfac' needs use_kfac true and loss 'mse'")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise InvalidConfigError(
                 f"device must be 'auto', 'cpu' or 'cuda[:n]', got {self.device!r}"
             )
 
 
-_ENUMS: dict[str, type[Enum]] = {"Method": Method, "LQFLoss": LQFLoss, "ProbeKind": ProbeKind}
+_ENUMS: dict[str, type[Enum]] = {"Method": Method, "LQFLoss": LQFLoss, "ProbeKind": ProbeKind,
+                                  "Regularizer": Regularizer}
 
 
 def _coerce(name: str, type_name: Any, value: Any) -> Any:

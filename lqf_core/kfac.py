@@ -173,27 +173,39 @@ def compute_kfac_factors(
 
 
 class KFACPreconditioner:
-    """v -> (K + lambda I)^-1 v, with K block-diagonal over layers, each block S (x) A.
+    """v -> (K + lambda I)^-1 v, with K block-diagonal over layers, each block S (x) A;
+    `matvec` applies K + lambda I itself.
 
     Parameters not covered by a layer (none, for conv/linear suffixes) are scaled by
-    1 / lambda.
+    1 / lambda (by lambda in `matvec`).
     """
 
     def __init__(self, lin: LinearizedNet, factors: list[KroneckerFactors], damping: float):
         self.space = lin.space
         self.damping = damping
         self.blocks = []
+        self._scales: list[torch.Tensor] = []
         for f in factors:
             eig_a, vec_a = torch.linalg.eigh(f.A)
             eig_s, vec_s = torch.linalg.eigh(f.S)
             # Clamp: factors are PSD up to round-off.
             scale = eig_s.clamp_min(0)[:, :, None] * eig_a.clamp_min(0)[:, None, :] + damping
             self.blocks.append((f, vec_a, vec_s, 1.0 / scale))
+            self._scales.append(scale)
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        return self._apply(v, inverse=True)
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """(K + lambda I) v."""
+        return self._apply(v, inverse=False)
+
+    def _apply(self, v: torch.Tensor, inverse: bool) -> torch.Tensor:
         tensors = self.space.unflatten(v)
-        out = {k: t / self.damping for k, t in tensors.items()}
-        for f, vec_a, vec_s, inv_scale in self.blocks:
+        rest = 1 / self.damping if inverse else self.damping
+        out = {k: t * rest for k, t in tensors.items()}
+        for (f, vec_a, vec_s, inv), scale in zip(self.blocks, self._scales, strict=True):
+            inv_scale = inv if inverse else scale
             w = tensors[f.weight_name]
             groups = f.groups
             mat = w.reshape(groups, w.shape[0] // groups, -1)  # (g, o, k)

@@ -1,9 +1,15 @@
 """LQF training on cached prefix outputs: the quadratic problem and its solvers.
 
-    L(dw) = 1/(2N) sum_i ||f_lin(z_i; w0 + dw) - kappa onehot(y_i)||^2 + lambda/2 ||dw||^2
-    grad L(dw) = H dw - b,   H = J^T J / N + lambda I,   b = J^T (Y - f(w0)) / N
+    L(dw) = 1/(2N) sum_i ||f_lin(z_i; w0 + dw) - kappa onehot(y_i)||^2 + R(dw)
+    grad L(dw) = H dw - b,   b = J^T (Y - f(w0)) / N
 
-The optimum solves H dw = b; PCG with K-FAC reaches it to a stated tolerance.
+with the regularizer (config.regularizer)
+    isotropic:  R = lambda/2 ||dw||^2,               H = J^T J / N + lambda I
+    kfac:       R = mu/2 dw^T (K + lambda I) dw,     H = J^T J / N + mu (K + lambda I)
+where K is the K-FAC approximation of J^T J / N (kfac.py). The optimum solves H dw = b;
+PCG preconditioned by K-FAC reaches it to a stated tolerance. With the kfac regularizer
+the preconditioned matrix (K + lambda I)^-1 H / (1 + mu) has every eigenvalue at least
+mu / (1 + mu), so the solve converges in tens of iterations instead of stalling.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import torch.nn.functional as F
 
 from lqf_core.backbones import Backbone
 from lqf_core.classifier import lqf_network
-from lqf_core.config import LQFLoss, TrainConfig
+from lqf_core.config import LQFLoss, Regularizer, TrainConfig
 from lqf_core.errors import TrainingCancelled
 from lqf_core.kfac import KFACPreconditioner, compute_kfac_factors
 from lqf_core.linearize import LinearizedNet, batches
@@ -38,6 +44,9 @@ class QuadraticProblem:
     batch_size: int = 256
 
     cache: bool = True
+    # The kfac regularizer: mu (K + lambda I) replaces lambda I (see the module docstring).
+    metric: KFACPreconditioner | None = None
+    metric_strength: float = 0.0
 
     def __post_init__(self) -> None:
         self.n = self.z.shape[0]
@@ -53,7 +62,7 @@ class QuadraticProblem:
             self.output0 = torch.cat([self.lin.output0(self.z[sl]) for sl in self.slices])
 
     def hessian_matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """H v = J^T J v / N + lambda v."""
+        """H v = J^T J v / N + (the regularizer's Hessian) v."""
         total = torch.zeros_like(v)
         if self._maps is not None:
             for _, jvp_map, vjp_map in self._maps:
@@ -61,7 +70,12 @@ class QuadraticProblem:
         else:
             for sl in self.slices:
                 total += self.lin.ggn_matvec(self.z[sl], v)
-        return total / self.n + self.weight_decay * v
+        return total / self.n + self.regularizer_matvec(v)
+
+    def regularizer_matvec(self, v: torch.Tensor) -> torch.Tensor:
+        if self.metric is not None:
+            return self.metric_strength * self.metric.matvec(v)
+        return self.weight_decay * v
 
     def jacobian_products(self, v: torch.Tensor) -> torch.Tensor:
         """J v for every cached input, (N, C)."""
@@ -89,7 +103,7 @@ class QuadraticProblem:
     def loss(self, delta_w: torch.Tensor, outputs: torch.Tensor | None = None) -> float:
         """The objective at delta_w (`outputs`: its f_lin on the inputs, if known)."""
         residual = (self.outputs(delta_w) if outputs is None else outputs) - self.targets
-        penalty = 0.5 * self.weight_decay * delta_w @ delta_w
+        penalty = 0.5 * delta_w @ self.regularizer_matvec(delta_w)
         return float(0.5 * (residual**2).sum() / self.n + penalty)
 
 
@@ -170,15 +184,40 @@ SOLVER_BATCH = 256
 def kfac_preconditioner(
     problem: QuadraticProblem, on_batch: Callable[[int, int], None] | None = None
 ) -> KFACPreconditioner:
+    """(K + lambda I)^-1 with K the K-FAC approximation of J^T J / N on the problem's data."""
     factors = compute_kfac_factors(
         problem.lin, problem.z, batch_size=problem.batch_size, on_batch=on_batch
     )
     return KFACPreconditioner(problem.lin, factors, damping=problem.weight_decay)
 
 
+@dataclass
+class CurvatureApproximation:
+    """H^-1 ~ scale * (K + lambda I)^-1: the preconditioner of the solves and the
+    approximate inverse of approximate queries. scale = 1 for the isotropic regularizer
+    (H ~ K + lambda I), 1 / (1 + mu) for the kfac one (H ~ (1 + mu)(K + lambda I))."""
+
+    kfac: KFACPreconditioner
+    scale: float
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        return self.kfac(v) * self.scale
+
+
+def regularize(problem: QuadraticProblem, config: TrainConfig,
+               on_batch: Callable[[int, int], None] | None = None) -> CurvatureApproximation:
+    """Compute K-FAC on the problem's data; attach the config's regularizer to the problem
+    (its Hessian then is the objective's) -> the curvature approximation of that H."""
+    kfac = kfac_preconditioner(problem, on_batch=on_batch)
+    if config.regularizer == Regularizer.KFAC:
+        problem.metric, problem.metric_strength = kfac, config.metric_strength
+        return CurvatureApproximation(kfac, 1.0 / (1.0 + config.metric_strength))
+    return CurvatureApproximation(kfac, 1.0)
+
+
 def solve_quadratic(
     problem: QuadraticProblem,
-    preconditioner: KFACPreconditioner | None,
+    preconditioner: Callable[[torch.Tensor], torch.Tensor] | None,
     tol: float,
     max_iters: int,
     x0: torch.Tensor | None = None,
@@ -220,7 +259,7 @@ def fit_lqf(backbone: Backbone, z: torch.Tensor, y: torch.Tensor, num_classes: i
     after the prefix pass, so that other code can refit exactly as a job would."""
     setup = build_lqf_problem(backbone, z, y, num_classes, config, device)
     problem = setup.problem
-    precond = kfac_preconditioner(problem, on_batch=on_kfac) if config.use_kfac else None
+    precond = regularize(problem, config, on_batch=on_kfac) if config.use_kfac else None
     info: dict = {"num_linearized_params": setup.lin.num_params}
     if config.loss == LQFLoss.MSE:
         x0 = setup.warm_start_from(warm_start) if warm_start is not None else None
@@ -246,7 +285,7 @@ def fit_lqf(backbone: Backbone, z: torch.Tensor, y: torch.Tensor, num_classes: i
 def fit_cross_entropy(
     problem: QuadraticProblem,
     labels: torch.Tensor,
-    preconditioner: KFACPreconditioner | None,
+    preconditioner: Callable[[torch.Tensor], torch.Tensor] | None,
     steps: int,
     callback: StepCallback | None = None,
     should_stop: Callable[[], bool] | None = None,

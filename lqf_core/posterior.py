@@ -32,10 +32,15 @@ from dataclasses import dataclass
 import torch
 
 from lqf_core.backbones import Backbone
-from lqf_core.config import Method
+from lqf_core.config import Method, Regularizer
 from lqf_core.errors import Cancelled, IncompatibleModelError, InvalidDataError
-from lqf_core.kfac import KFACPreconditioner
-from lqf_core.lqf import LQFSetup, build_lqf_problem, fit_lqf_head, kfac_preconditioner
+from lqf_core.lqf import (
+    CurvatureApproximation,
+    LQFSetup,
+    build_lqf_problem,
+    fit_lqf_head,
+    regularize,
+)
 from lqf_core.model import TrainedModel
 from lqf_core.solve import conjugate_gradient
 
@@ -111,7 +116,10 @@ class LQFPosterior:
         self.train_outputs = self.jacobian_products(self.delta) + self.problem.output0
         self.residuals = self.problem.targets - self.train_outputs  # e_i, (N, C)
         self.labels = labels
-        self._kfac: KFACPreconditioner | None = None
+        self._curvature: CurvatureApproximation | None = None
+        if model.config.regularizer == Regularizer.KFAC:
+            # Part of the objective itself (its Hessian), so it is needed before any solve.
+            self._curvature = regularize(self.problem, model.config)
         self._leverages: dict[bool, torch.Tensor] = {}  # by exactness
         self._reference_trace: float | None = None
         self._should_stop: Callable[[], bool] | None = None
@@ -144,9 +152,7 @@ class LQFPosterior:
 
     def inverse_hessian(self, exact: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
         """v -> H^-1 v, by PCG to `tol` (exact) or by the K-FAC approximation."""
-        if self._kfac is None:
-            self._kfac = kfac_preconditioner(self.problem, on_batch=lambda *_: self._check())
-        kfac = self._kfac
+        kfac = self.curvature()
         if not exact:
             return kfac
 
@@ -159,12 +165,18 @@ class LQFPosterior:
 
         return solve
 
+    def curvature(self) -> CurvatureApproximation:
+        """The K-FAC approximation of H (computed once, on the training data)."""
+        if self._curvature is None:
+            self._curvature = regularize(self.problem, self.model.config,
+                                         on_batch=lambda *_: self._check())
+        return self._curvature
+
     def _kfac_forms(self, z: torch.Tensor) -> torch.Tensor:
         """J(z_i) K^-1 J(z_i)^T with K the K-FAC approximation of H, (m, C, C)."""
-        self.inverse_hessian(exact=False)  # builds the factors once
-        assert self._kfac is not None
-        return self._kfac.output_forms(self.lin, z.to(self.device, self.dtype),
-                                       on_batch=self._check)
+        approx = self.curvature()
+        return approx.scale * approx.kfac.output_forms(self.lin, z.to(self.device, self.dtype),
+                                                       on_batch=self._check)
 
     def _output_gradients(self, z: torch.Tensor) -> torch.Tensor:
         """J(z)^T e_c for one input z (1, ...) and every output c, (C, P)."""

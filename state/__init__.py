@@ -7,6 +7,9 @@
     queue.py      Celery task names per job kind, and enqueueing a job by name
     artifacts.py  the artifact store: datasets and models as files, atomic writes
     records.py    the typed records kept there: DatasetManifest, ModelRecord, ...
+    registry.py   model names: numbered versions and aliases
+    connections.py  Label Studio connections (secret URL, what /setup said)
+    labelstudio.py  Label Studio's formats: labeling config, tasks, annotations
 
 It imports neither `app` nor `worker` nor torch, so either side can use it alone.
 """

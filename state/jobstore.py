@@ -50,6 +50,9 @@ class JobKind(StrEnum):
     TRAIN = "train"  # train a new model on a dataset
     FORGET = "forget"  # retrain model `parent_model_id` without `forget_item_ids`
     SELF_INFLUENCE = "self_influence"  # cross-fit `parent_model_id` for mislabel scores
+    # import a Label Studio project's annotations (connection `connection_id`) as a
+    # dataset snapshot, train on it, add the model to the connection's name
+    LABEL_STUDIO_TRAIN = "label_studio_train"
 
 
 class IdempotencyConflict(Exception):

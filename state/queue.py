@@ -16,6 +16,7 @@ TASK_NAMES: dict[JobKind, str] = {
     JobKind.TRAIN: "lqf.train",
     JobKind.FORGET: "lqf.forget",
     JobKind.SELF_INFLUENCE: "lqf.self_influence",
+    JobKind.LABEL_STUDIO_TRAIN: "lqf.label_studio_train",
 }
 
 

@@ -48,6 +48,8 @@ class ModelRecord(TypedDict, total=False):
     created_at: str
     parent_id: str | None  # the model a forget job derived this one from
     forgotten_item_ids: list[int]
+    name: str | None  # the model name (state.registry) this model is a version of
+    version: int | None
 
 
 @dataclass

@@ -20,7 +20,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 from lqf_core.errors import Cancelled, LQFError
@@ -140,14 +139,17 @@ class JobFailure(Exception):
         self.code, self.message = code, message
 
 
+Undo = Callable[[], None]
+
+
 @dataclass
 class Outcome:
     """What a job computed: its metrics, and `store(artifacts, job)`, which writes the
-    result and returns (the model id it belongs to, the path to remove if the job is
-    cancelled before it is marked done)."""
+    result and returns (the model id it belongs to, how to take the result back if the
+    job is cancelled before it is marked done)."""
 
     metrics: dict[str, float]
-    store: Callable[[ArtifactStore, dict[str, Any]], tuple[str, Path]]
+    store: Callable[[ArtifactStore, dict[str, Any]], tuple[str, Undo]]
 
 
 @dataclass
@@ -217,7 +219,7 @@ def _execute(jobs: JobStore, job: dict[str, Any], settings: WorkerSettings, leas
         return _fail(jobs, job_id, "internal_error", f"{type(exc).__name__}: {exc}")
 
     try:
-        model_id, written = outcome.store(artifacts, job)
+        model_id, undo = outcome.store(artifacts, job)
     except Exception as exc:  # disk full, permissions: say so rather than look "lost"
         log.exception("could not store the result", extra={"job_id": job_id})
         return _fail(jobs, job_id, "storage_error",
@@ -230,10 +232,7 @@ def _execute(jobs: JobStore, job: dict[str, Any], settings: WorkerSettings, leas
     if done:
         return JobStatus.SUCCEEDED.value
     # Cancelled (or failed by the sweeper) while we were finishing: the user said stop.
-    if written.is_dir():
-        artifacts.remove(written)
-    else:
-        written.unlink(missing_ok=True)
+    undo()
     if before == JobStatus.CANCELLING.value:
         jobs.transition(job_id, {JobStatus.CANCELLING}, JobStatus.CANCELLED,
                         message="cancelled while running")

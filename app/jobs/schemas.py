@@ -21,6 +21,9 @@ class JobCreate(BaseModel):
         "their defaults",
     )
     seed: int = Field(default=0, ge=0, le=2**32 - 1)
+    model_name: str | None = Field(
+        default=None, description="on success the model becomes this name's next version "
+        "(the name is created by its first version)")
 
 
 class JobProgress(BaseModel):
@@ -38,7 +41,7 @@ class JobError(BaseModel):
 class JobPublic(BaseModel):
     id: str
     status: JobStatus
-    dataset_id: str
+    dataset_id: str | None = None  # label_studio_train: the snapshot, once imported
     method: str
     backbone: str
     # The overrides the job was submitted with, never the full configuration: {} for
@@ -60,6 +63,8 @@ class JobPublic(BaseModel):
     kind: JobKind = JobKind.TRAIN
     parent_model_id: str | None = None
     forget_item_ids: list[int] | None = None
+    model_name: str | None = None
+    connection_id: str | None = None  # label_studio_train: the connection that asked
 
 
 class JobEvent(BaseModel):

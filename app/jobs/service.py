@@ -23,6 +23,7 @@ from state.artifacts import ArtifactStore
 from state.jobstore import ACTIVE, TERMINAL, IdempotencyConflict, JobKind, JobStatus, JobStore
 from state.queue import enqueue
 from state.records import ModelRecord, item_ids_of
+from state.registry import RegistryError, check_name
 
 TOP_LEVEL = ("method", "backbone", "seed")
 
@@ -69,9 +70,14 @@ def create_training(jobs: JobStore, store: ArtifactStore, settings: Settings, te
     if store.tenant_dataset(tenant, body.dataset_id) is None:
         raise not_found("dataset", body.dataset_id)
     validate(body, settings)
+    if body.model_name is not None:
+        try:
+            check_name(body.model_name)
+        except RegistryError as exc:
+            raise ApiError(422, str(exc), "invalid_name") from None
     fields = {"dataset_id": body.dataset_id, "method": body.method.value,
               "backbone": body.backbone, "hyperparameters": body.hyperparameters,
-              "seed": body.seed}
+              "seed": body.seed, "model_name": body.model_name}
     return create_job(jobs, settings, tenant, JobKind.TRAIN, fields, idempotency_key,
                       fingerprint(body.model_dump(mode="json")))
 
@@ -94,6 +100,7 @@ def create_forget(jobs: JobStore, store: ArtifactStore, settings: Settings, tena
                   ) -> tuple[dict[str, Any], bool]:
     """Validate, exclude the items from the dataset, queue a forget job."""
     record = get_record(store, tenant, model_id)
+    model_id = record["id"]  # a name or name@alias resolved
     wanted = list(dict.fromkeys(item_ids))
     info = read_metadata(store.model_dir(model_id)).get("info", {})
     known = set(item_ids_of(info, "train_item_ids", "val_item_ids"))
@@ -101,8 +108,9 @@ def create_forget(jobs: JobStore, store: ArtifactStore, settings: Settings, tena
     if unknown:
         raise ApiError(422, f"item ids not in model {model_id}'s training data: "
                             f"{unknown[:20]}", "unknown_items")
+    # The new version joins the parent's model name, if it has one.
     fields = {**_derived_fields(store, tenant, record, "forget retrains on its items"),
-              "forget_item_ids": wanted}
+              "forget_item_ids": wanted, "model_name": record.get("name")}
 
     def exclude_items(job: dict[str, Any]) -> None:
         exclude(store, record["dataset_id"], wanted, {"model_id": model_id, "job_id": job["id"]})

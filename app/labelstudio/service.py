@@ -10,48 +10,22 @@ from __future__ import annotations
 
 import base64
 import binascii
-import xml.etree.ElementTree as ET
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import httpx
 
 from app.errors import ApiError
-
-
-@dataclass(frozen=True)
-class ChoicesControl:
-    """A `<Choices name=... toName=...>` control and the image it labels."""
-
-    from_name: str
-    to_name: str
-    data_key: str  # the task data field holding the image URL ("$image" -> "image")
-    choices: tuple[str, ...]
+from state import labelstudio as formats
+from state.labelstudio import ChoicesControl
 
 
 def parse_label_config(label_config: str) -> ChoicesControl:
     """The first `<Choices>` control that labels an `<Image>`; 422 when there is none."""
-    if not label_config or not label_config.strip():
-        raise _invalid("label_config is empty: send the project's labeling config")
     try:
-        root = ET.fromstring(label_config)
-    except ET.ParseError as exc:
-        raise _invalid(f"label_config is not valid XML ({exc})") from None
-    images = {el.get("name"): el for el in root.iter() if el.tag == "Image" and el.get("name")}
-    for control in root.iter("Choices"):
-        name, target = control.get("name"), control.get("toName")
-        image = images.get(target)
-        if not name or not target or image is None:
-            continue
-        value = image.get("value", "")
-        if not value.startswith("$") or len(value) < 2:
-            raise _invalid(f"<Image name={target!r}> needs value=\"$field\" naming the task "
-                           f"data field, got {value!r}")
-        choices = tuple(c.get("value") or c.get("alias") or "" for c in control.iter("Choice"))
-        return ChoicesControl(name, target, value[1:], tuple(c for c in choices if c))
-    raise _invalid("label_config has no <Choices> control whose toName is an <Image>: "
-                   "this backend classifies images")
+        return formats.parse_label_config(label_config)
+    except formats.LabelStudioFormatError as exc:
+        raise invalid(str(exc)) from None
 
 
 def choose(probabilities: dict[str, float], control: ChoicesControl) -> tuple[str, float]:
@@ -59,7 +33,7 @@ def choose(probabilities: dict[str, float], control: ChoicesControl) -> tuple[st
     allowed = [c for c in probabilities if c in control.choices] if control.choices else list(
         probabilities)
     if not allowed:
-        raise _invalid(f"none of the model's classes {sorted(probabilities)} is a <Choice> of "
+        raise invalid(f"none of the model's classes {sorted(probabilities)} is a <Choice> of "
                        f"{control.from_name!r} ({list(control.choices)})")
     label = max(allowed, key=probabilities.__getitem__)
     return label, probabilities[label]
@@ -74,14 +48,11 @@ def prediction(label: str, score: float, control: ChoicesControl, version: str
 
 def task_image_source(task: Any, control: ChoicesControl, index: int) -> tuple[str, str]:
     """(task label for errors, the image URL or data URI) of one task."""
-    if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
-        raise _invalid(f"tasks[{index}] has no 'data' object")
-    name = f"task {task.get('id', index)}"
-    source = task["data"].get(control.data_key)
-    if not isinstance(source, str) or not source:
-        raise _invalid(f"{name}: data field {control.data_key!r} (from the <Image> "
-                       f"value) is missing or not a string")
-    return name, source
+    try:
+        source = formats.task_image(task, control)
+    except formats.LabelStudioFormatError as exc:
+        raise invalid(str(exc)) from None
+    return f"task {task.get('id', index)}", source
 
 
 class ImageFetcher:
@@ -106,7 +77,7 @@ class ImageFetcher:
             async with client.stream("GET", url, headers=headers,
                                      timeout=self.timeout_s) as response:
                 if response.status_code != 200:
-                    raise _invalid(f"{name}: {url} answered HTTP {response.status_code}")
+                    raise invalid(f"{name}: {url} answered HTTP {response.status_code}")
                 body = bytearray()
                 async for chunk in response.aiter_bytes():
                     body += chunk
@@ -115,16 +86,16 @@ class ImageFetcher:
                                             "bytes", "image_too_large")
                 return bytes(body)
         except httpx.HTTPError as exc:
-            raise _invalid(f"{name}: could not fetch {url} ({exc.__class__.__name__})") from None
+            raise invalid(f"{name}: could not fetch {url} ({exc.__class__.__name__})") from None
 
     def _data_uri(self, name: str, source: str) -> bytes:
         header, sep, payload = source.partition(",")
         if not sep or not header.endswith(";base64"):
-            raise _invalid(f"{name}: only base64 data URIs are supported")
+            raise invalid(f"{name}: only base64 data URIs are supported")
         try:
             data = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
-            raise _invalid(f"{name}: the data URI is not valid base64") from None
+            raise invalid(f"{name}: the data URI is not valid base64") from None
         if len(data) > self.max_bytes:
             raise ApiError(413, f"{name}: image larger than {self.max_bytes} bytes",
                            "image_too_large")
@@ -132,17 +103,17 @@ class ImageFetcher:
 
     def _allowed_url(self, name: str, source: str) -> str:
         if not self.base_url:
-            raise _invalid(f"{name}: the image is a URL ({source[:100]}); set "
+            raise invalid(f"{name}: the image is a URL ({source[:100]}); set "
                            "LQF_LABEL_STUDIO_URL (and LQF_LABEL_STUDIO_API_KEY) so this "
                            "server may fetch it from Label Studio, or import images as data "
                            "URIs")
         url = urljoin(self.base_url, source)
         base, target = urlsplit(self.base_url), urlsplit(url)
         if (target.scheme, target.netloc) != (base.scheme, base.netloc):
-            raise _invalid(f"{name}: {source[:100]} is not on LQF_LABEL_STUDIO_URL "
+            raise invalid(f"{name}: {source[:100]} is not on LQF_LABEL_STUDIO_URL "
                            f"({self.base_url}); only Label Studio's own files are fetched")
         return url
 
 
-def _invalid(message: str) -> ApiError:
+def invalid(message: str) -> ApiError:
     return ApiError(422, message, "invalid_label_studio_request")

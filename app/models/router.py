@@ -27,13 +27,13 @@ def get_model(model_id: str, tenant: Tenant, store: Artifacts) -> ModelPublic:
 def get_weights(model_id: str, tenant: Tenant, store: Artifacts) -> FileResponse:
     path = service.weights_file(store, tenant, model_id)
     return FileResponse(path, media_type="application/octet-stream",
-                        filename=f"{model_id}.safetensors")
+                        filename=f"{path.parent.name}.safetensors")
 
 
 @router.delete("/{model_id}", status_code=204)
 async def delete_model(model_id: str, request: Request, tenant: Tenant,
                        store: Artifacts) -> Response:
-    await run_in_threadpool(service.delete, store, tenant, model_id)
+    model_id = await run_in_threadpool(service.delete, store, tenant, model_id)
     request.app.state.predictors.evict(model_id)  # on the loop: it owns the batcher task
     request.app.state.posteriors.evict(model_id)
     return Response(status_code=204)

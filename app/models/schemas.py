@@ -20,3 +20,6 @@ class ModelPublic(BaseModel):
     # and every dataset item it was made to forget (its parent's included).
     parent_id: str | None = None
     forgotten_item_ids: list[int] = []
+    # The model name this model is a version of (GET /names/{name}), if any.
+    name: str | None = None
+    version: int | None = None

@@ -7,13 +7,31 @@ from pathlib import Path
 from app.errors import ApiError, not_found
 from lqf_core.config import Method
 from state.artifacts import ArtifactStore
+from state.ids import is_valid_id
 from state.records import ModelRecord
+from state.registry import Registry, RegistryError
 
 
-def get_record(store: ArtifactStore, tenant: str, model_id: str) -> ModelRecord:
-    record = store.tenant_model(tenant, model_id)
+def get_record(store: ArtifactStore, tenant: str, ref: str) -> ModelRecord:
+    """The model a reference names: a model id, a model name (its current version),
+    `name@alias` or `name@<version>`. 404 for anything the tenant does not have."""
+    if is_valid_id(ref, "mdl"):
+        record = store.tenant_model(tenant, ref)
+        if record is None:
+            raise not_found("model", ref)
+        return record
+    name, _, selector = ref.partition("@")
+    try:
+        entry = Registry(store.root).get(tenant, name)
+        if entry is None:
+            raise not_found("model", ref)
+        version = entry.resolve(selector)
+    except RegistryError as exc:
+        raise ApiError(404, f"model {ref!r} not found: {exc}", "model_not_found") from None
+    record = store.tenant_model(tenant, version.model_id)
     if record is None:
-        raise not_found("model", model_id)
+        raise ApiError(404, f"model {ref!r} not found: version {version.version} "
+                            f"({version.model_id}) was deleted", "model_not_found")
     return record
 
 
@@ -24,11 +42,13 @@ def require_lqf(record: ModelRecord, what: str = "influence queries") -> None:
                             f"{record.get('method')}", "not_lqf")
 
 
-def weights_file(store: ArtifactStore, tenant: str, model_id: str) -> Path:
-    get_record(store, tenant, model_id)
-    return store.model_dir(model_id) / "model.safetensors"
+def weights_file(store: ArtifactStore, tenant: str, ref: str) -> Path:
+    return store.model_dir(get_record(store, tenant, ref)["id"]) / "model.safetensors"
 
 
-def delete(store: ArtifactStore, tenant: str, model_id: str) -> None:
-    get_record(store, tenant, model_id)
+def delete(store: ArtifactStore, tenant: str, ref: str) -> str:
+    """Delete the model -> its id. A name's version that pointed at it stays listed and
+    answers 404 (versions are never renumbered)."""
+    model_id = get_record(store, tenant, ref)["id"]
     store.remove(store.model_dir(model_id))
+    return model_id

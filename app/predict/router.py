@@ -20,7 +20,8 @@ _OPENAPI_BODY = {
             "multipart/form-data": {"schema": {
                 "type": "object", "required": ["model_id", "files"],
                 "properties": {
-                    "model_id": {"type": "string"},
+                    "model_id": {"type": "string",
+                                 "description": "a model id, a model name, or name@alias"},
                     "top_k": {"type": "integer", "minimum": 1},
                     "uncertainty": {"type": "boolean", "default": False},
                     "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
@@ -44,8 +45,8 @@ async def predict(request: Request, tenant: Tenant, store: Artifacts,
     deadline = request.app.state.posteriors.deadline()
     body = await parse_image_body(request, PREDICT_BODY, settings.max_predict_images)
     options, images = body.options, body.images
-    model_id = options.model_id
-    record = get_record(store, tenant, model_id)  # 404 for another tenant's model
+    record = get_record(store, tenant, options.model_id)  # 404 for another tenant's model
+    model_id = record["id"]  # a name or name@alias resolved to its model
     if options.uncertainty:
         require_lqf(record, "uncertainty")
     loaded = await request.app.state.predictors.get(store, model_id, record["model_version"])

@@ -68,8 +68,8 @@ async def influence(model_id: str, request: Request, tenant: Tenant,
     x: torch.Tensor = await run_in_threadpool(prepare, entry.predictor, body.images)
     out = await posteriors.run(deadline, entry.influence, x, options.top_k,
                                options.variant == Variant.EXACT_LOO, deadline)
-    return InfluenceResponse(model_id=model_id, variant=options.variant, solver=entry.solver,
-                             **out)
+    return InfluenceResponse(model_id=record["id"], model_version=record["model_version"],
+                             variant=options.variant, solver=entry.solver, **out)
 
 
 @router.get(
@@ -91,18 +91,21 @@ async def self_influence(
     leave-one-out residual, which is weak when the model fits every training label."""
     record = await run_in_threadpool(get_record, store, tenant, model_id)
     require_lqf(record, "self-influence")
+    model_id, model_version = record["id"], record["model_version"]
     if method == SelfInfluenceMethod.LEVERAGE:
         posteriors = request.app.state.posteriors
         deadline = posteriors.deadline()
         entry = await posteriors.get(store, record, request.app.state.predictors, deadline)
         items, total = await posteriors.run(deadline, entry.self_influence, limit, deadline)
-        return SelfInfluenceResponse(model_id=model_id, method=method, solver=entry.solver,
+        return SelfInfluenceResponse(model_id=model_id, model_version=model_version,
+                                     method=method, solver=entry.solver,
                                      total=total, items=items)
     stored = await run_in_threadpool(_stored_self_influence, store, model_id)
     if stored is not None:
         items = [{**it, "image_url": image_url(record["dataset_id"], it["item_id"])}
                  for it in stored["items"][:limit]]
-        return SelfInfluenceResponse(model_id=model_id, method=method, folds=stored["folds"],
+        return SelfInfluenceResponse(model_id=model_id, model_version=model_version,
+                                     method=method, folds=stored["folds"],
                                      total=len(stored["items"]), items=items)
     job = await run_in_threadpool(jobs_service.start_self_influence, jobs, store, settings,
                                   tenant, record)

@@ -44,6 +44,7 @@ class InfluenceResponse(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 
     model_id: str
+    model_version: str
     output_class: str
     variant: Variant
     solver: Solver
@@ -71,6 +72,7 @@ class SelfInfluenceResponse(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 
     model_id: str
+    model_version: str
     method: SelfInfluenceMethod
     folds: int | None = None  # crossfit
     solver: Solver | None = None  # leverage: how H^-1 was applied

@@ -46,3 +46,15 @@ def tiny_targets(n: int = 6, num_classes: int = 3, kappa: float = 2.0,
     labels = torch.arange(n) % num_classes
     labels = labels[torch.randperm(n, generator=generator)]
     return kappa * torch.nn.functional.one_hot(labels, num_classes).double()
+
+
+def leave_one_out_changes(post, z_star: torch.Tensor, k: int, retrain) -> torch.Tensor:
+    """Actual change of test output k when each training item is left out: `retrain(keep)`
+    gives dw on the kept items (keep: a boolean mask over the N items), (N,)."""
+    base = post.outputs(z_star)[0, k]
+    changes = []
+    for i in range(post.n):
+        keep = torch.ones(post.n, dtype=torch.bool)
+        keep[i] = False
+        changes.append(float(post.lin.forward(z_star, retrain(keep))[0, k] - base))
+    return torch.tensor(changes, dtype=torch.float64)

@@ -13,6 +13,8 @@ from lqf_core.posterior import LQFPosterior
 from lqf_core.train import train_model
 from lqf_core.unlearn import forget
 
+from .factories import leave_one_out_changes
+
 CONFIG = TrainConfig(backbone="tiny_cnn", image_size=16, val_fraction=0.0, suffix_blocks=1,
                      weight_decay=0.05, probe_l2=1.0, kappa=2.0, tol=1e-12, max_iters=2000,
                      use_kfac=False)  # plain CG ends in <= N*C + 1 steps on these tiny sets
@@ -74,15 +76,8 @@ def test_exact_influence_equals_leave_one_out_retraining(backbone, data, trained
     with torch.no_grad():
         z_star = prefix(x_test[:1])
     influence = post.influence(z_star)
-    k = influence.output_class
-    base = post.outputs(z_star)[0, k]
-    actual = []
-    for i in range(post.n):
-        keep = torch.ones(post.n, dtype=torch.bool)
-        keep[i] = False
-        dw = retrain_without(post, keep)
-        actual.append(float(post.lin.forward(z_star, dw)[0, k] - base))
-    actual_t = torch.tensor(actual, dtype=torch.float64)
+    actual_t = leave_one_out_changes(post, z_star, influence.output_class,
+                                     lambda keep: retrain_without(post, keep))
     assert influence.exact is not None
     rel = float((influence.exact - actual_t).norm() / actual_t.norm())
     assert rel <= 1e-6

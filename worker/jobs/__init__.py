@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from state.jobstore import JobKind
 from worker.jobs.forget import compute_forget
+from worker.jobs.label_studio import compute_label_studio_training
 from worker.jobs.self_influence import compute_self_influence
 from worker.jobs.train import compute_training
 from worker.lifecycle import Compute
@@ -12,4 +13,5 @@ COMPUTE: dict[JobKind, Compute] = {
     JobKind.TRAIN: compute_training,
     JobKind.FORGET: compute_forget,
     JobKind.SELF_INFLUENCE: compute_self_influence,
+    JobKind.LABEL_STUDIO_TRAIN: compute_label_studio_training,
 }

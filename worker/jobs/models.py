@@ -10,10 +10,11 @@ from typing import Any
 from lqf_core.artifacts import load_model, save_model
 from lqf_core.config import TrainConfig
 from lqf_core.model import TrainedModel
-from state.artifacts import ArtifactStore, write_json
+from state.artifacts import ArtifactStore, read_json, write_json
 from state.ids import new_id, utc_now
 from state.records import DatasetManifest, ItemsGone, ModelRecord, item_ids_of
-from worker.lifecycle import JobContext, JobFailure, Outcome, job_device
+from state.registry import Registry
+from worker.lifecycle import JobContext, JobFailure, Outcome, Undo, job_device
 
 
 def require_dataset(artifacts: ArtifactStore, job: dict[str, Any]) -> DatasetManifest:
@@ -46,10 +47,27 @@ def model_items(model: TrainedModel, manifest: DatasetManifest, ids: list[str],
 
 
 def new_model(model: TrainedModel, config: TrainConfig) -> Outcome:
-    """The outcome of a job that made a model: stored as a new model version."""
-    def store(artifacts: ArtifactStore, job: dict[str, Any]) -> tuple[str, Path]:
+    """The outcome of a job that made a model: stored, then (when the job names one) the
+    next version of its model name."""
+    def store(artifacts: ArtifactStore, job: dict[str, Any]) -> tuple[str, Undo]:
         model_id = _store_model(artifacts, job, config, model)
-        return model_id, artifacts.model_dir(model_id)
+        name = job.get("model_name")
+        registry = Registry(artifacts.root)
+        if name:
+            try:
+                version = registry.add_version(job["tenant"], name, model_id, job["id"])
+                path = artifacts.model_dir(model_id) / "record.json"
+                write_json(path, {**read_json(path), "name": name, "version": version})
+            except BaseException:
+                artifacts.remove(artifacts.model_dir(model_id))
+                raise
+
+        def undo() -> None:
+            if name:
+                registry.remove_version(job["tenant"], name, model_id)
+            artifacts.remove(artifacts.model_dir(model_id))
+
+        return model_id, undo
 
     return Outcome(dict(model.metrics), store)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,7 +11,7 @@ from lqf_core.crossfit import DEFAULT_FOLDS, cross_fit_model
 from state.artifacts import ArtifactStore, write_json
 from state.ids import utc_now
 from worker.jobs.models import model_items, parent_model, require_dataset
-from worker.lifecycle import JobContext, Outcome
+from worker.lifecycle import JobContext, Outcome, Undo
 
 
 def compute_self_influence(job: dict[str, Any], context: JobContext) -> Outcome:
@@ -36,9 +35,9 @@ def compute_self_influence(job: dict[str, Any], context: JobContext) -> Outcome:
                    "score": float(result.scores[i])} for i in order],
     }
 
-    def store(artifacts: ArtifactStore, job: dict[str, Any]) -> tuple[str, Path]:
+    def store(artifacts: ArtifactStore, job: dict[str, Any]) -> tuple[str, Undo]:
         path = artifacts.self_influence_path(model_id)
         write_json(path, scores)
-        return model_id, path
+        return model_id, lambda: path.unlink(missing_ok=True)
 
     return Outcome({"seconds": seconds, "items": float(len(ids))}, store)
