@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.lqf-setup-stamp
 
-.PHONY: setup bench-setup serve test test-core test-integration lint typecheck compose-config clean
+.PHONY: setup bench-setup label-studio serve test test-core test-integration lint typecheck compose-config clean
 
 setup: $(STAMP)
 
@@ -19,6 +19,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --disable-pip-version-check -q -e '.[service,dev]'
 	touch $(STAMP)
 
+# A real Label Studio for the labeling-loop test (tests/integration/test_label_studio_real.py),
+# in its own venv: about 1 GB, a minute to install; pinned to the version the ML-backend
+# protocol was recorded against.
+LS_VENV ?= .venv-label-studio
+LS_STAMP := $(LS_VENV)/.lqf-label-studio-stamp
+
+label-studio: $(LS_STAMP)
+
+$(LS_STAMP):
+	test -x $(LS_VENV)/bin/python || $(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/python -m pip install --disable-pip-version-check -q label-studio==1.23.2
+	touch $(LS_STAMP)
+
 # Benchmark extras (scikit-learn, laplace-torch, kronfluence) for `python -m bench.*`.
 bench-setup: setup
 	$(PY) -m pip install --disable-pip-version-check -q torch==2.14.1 torchvision==0.29.1 \
@@ -27,13 +40,13 @@ bench-setup: setup
 serve: setup
 	$(PY) -m app.embedded
 
-test: setup
+test: setup label-studio
 	$(PY) -m pytest
 
 test-core: setup
 	$(PY) -m pytest -m "not integration"
 
-test-integration: setup
+test-integration: setup label-studio
 	$(PY) -m pytest -m integration
 
 lint: setup
@@ -49,4 +62,4 @@ compose-config:
 	LQF_API_KEYS=$${LQF_API_KEYS:-ci:placeholder} $(COMPOSE) config -q
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache *.egg-info
+	rm -rf $(VENV) $(LS_VENV) .pytest_cache .ruff_cache .mypy_cache *.egg-info

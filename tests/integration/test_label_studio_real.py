@@ -1,0 +1,166 @@
+"""The labeling loop against a real Label Studio 1.23.2 (`make label-studio`, its own venv
+in .venv-label-studio): a project of 100 images, connected by name before any model
+exists; 30 annotations start training; Label Studio's predict run stores the new
+version's predictions for every task; its "Start training" makes version 2, and the next
+run refreshes them, with no reconnecting."""
+
+from __future__ import annotations
+
+import base64
+import os
+import random
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from app.launcher import ROOT, LocalService, free_port, spawn, stop_process
+
+from .datagen import make_samples
+from .helpers import KEYS
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+LABEL_STUDIO = Path(os.environ.get("LQF_LABEL_STUDIO_BIN",
+                                   ROOT / ".venv-label-studio" / "bin" / "label-studio"))
+TOKEN = "0123456789abcdef0123456789abcdef01234567"
+TASKS, ANNOTATED = 100, 30
+
+
+@pytest.fixture(scope="module")
+def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if not LABEL_STUDIO.is_file():
+        pytest.skip(f"no Label Studio at {LABEL_STUDIO}: run `make label-studio`")
+    root = tmp_path_factory.mktemp("label-studio")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "LABEL_STUDIO_USERNAME": "admin@example.com",
+           "LABEL_STUDIO_PASSWORD": "adminpass123", "LABEL_STUDIO_USER_TOKEN": TOKEN,
+           "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true", "ML_BLOCK_LOCAL_IP": "false",
+           "SSRF_PROTECTION_ENABLED": "false", "LABEL_STUDIO_HOST": url, "SENTRY_DSN": "",
+           "FRONTEND_SENTRY_DSN": "", "COLLECT_ANALYTICS": "false",
+           "LATEST_VERSION_CHECK": "false"}
+    log = open(root / "ls.log", "wb")  # noqa: SIM115
+    proc = spawn([str(LABEL_STUDIO), "start", "--no-browser", "--data-dir", str(root / "data"),
+                  "--internal-host", "127.0.0.1", "--port", str(port)], env,
+                 stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, (root / "ls.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "Label Studio did not start in 180 s"
+            time.sleep(1)
+        # It quietly takes another port when ours is busy: make sure it is ours.
+        assert f"127.0.0.1:{port}" in (root / "ls.log").read_text(errors="replace")
+        yield url
+    finally:
+        stop_process(proc, timeout=20)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def service(label_studio: str, tmp_path_factory: pytest.TempPathFactory
+            ) -> Iterator[LocalService]:
+    root = tmp_path_factory.mktemp("lqf-for-label-studio")
+    env = {"LQF_QUEUE": "lqf-ls-real", "LQF_API_KEYS": f"alice:{KEYS['alice']}",
+           "LQF_LABEL_STUDIO_URL": label_studio}
+    svc = LocalService(data_dir=root / "data", redis_dir=root / "redis", env=env,
+                       log_dir=root / "logs")
+    try:
+        svc.start()
+        svc.wait_ready()
+        yield svc
+    finally:
+        svc.stop()
+
+
+def wait_for(check: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"{what}: not within {timeout:.0f} s")
+
+
+def test_annotations_train_and_label_studio_gets_the_new_version(label_studio, service):
+    samples = make_samples(34, seed=5)[:TASKS]
+    random.Random(0).shuffle(samples)
+    classes = sorted({label for label, _ in samples})
+    config = ('<View><Image name="image" value="$image"/><Choices name="label" '
+              'toName="image">' + "".join(f'<Choice value="{c}"/>' for c in classes)
+              + "</Choices></View>")
+    ls = httpx.Client(base_url=label_studio, headers={"Authorization": f"Token {TOKEN}"},
+                      timeout=120)
+    api = httpx.Client(base_url=service.base_url, timeout=60,
+                       headers={"Authorization": f"Bearer {KEYS['alice']}"})
+    project = ls.post("/api/projects", json={"title": "shapes", "label_config": config}).json()
+    pid = project["id"]
+    r = ls.post(f"/api/projects/{pid}/import", json=[
+        {"image": "data:image/png;base64," + base64.b64encode(png).decode()}
+        for _, png in samples])
+    assert r.status_code == 201 and r.json()["task_count"] == TASKS, r.text
+
+    conn = api.post("/label-studio/connections", json={
+        "name": "shapes-ls", "min_annotations": ANNOTATED, "backbone": "tiny_cnn",
+        "hyperparameters": {"image_size": 32}}).json()
+    # Connected before any model exists: Label Studio's own health and setup calls pass.
+    r = ls.post("/api/ml", json={"url": service.base_url + conn["url_path"], "project": pid,
+                                 "is_interactive": False, "title": "lqf"})
+    assert r.status_code == 201 and r.json()["state"] == "CO", r.text
+    ml_id = r.json()["id"]
+
+    tasks = ls.get("/api/tasks", params={"project": pid, "page_size": 1000}).json()["tasks"]
+    by_image = {t["data"]["image"]: t["id"] for t in tasks}
+    for label, png in samples[:ANNOTATED]:
+        task_id = by_image["data:image/png;base64," + base64.b64encode(png).decode()]
+        r = ls.post(f"/api/tasks/{task_id}/annotations", json={
+            "result": [{"from_name": "label", "to_name": "image", "type": "choices",
+                        "value": {"choices": [label]}}],
+            "was_cancelled": False, "ground_truth": False, "lead_time": 1.0})
+        assert r.status_code == 201, r.text
+    last_annotation = time.monotonic()
+
+    # Label Studio's annotation webhooks reached the connection: a job, then version 1.
+    wait_for(lambda: api.get("/names/shapes-ls").status_code == 200, 120, "version 1")
+    trained_s = time.monotonic() - last_annotation
+
+    def predictions() -> list[dict[str, Any]]:
+        ls.post("/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": pid},
+                json={"selectedItems": {"all": True, "excluded": []}})
+        return ls.get("/api/predictions", params={"project": pid}).json()
+
+    stored = predictions()
+    refreshed_s = time.monotonic() - last_annotation
+    assert Counter(p["model_version"] for p in stored) == {"shapes-ls@v1": TASKS}
+    assert ls.get(f"/api/ml/{ml_id}/versions").json()["versions"] == ["shapes-ls@v1"]
+    # Better than chance on the 70 tasks nobody labelled (3 classes).
+    truth = {by_image["data:image/png;base64," + base64.b64encode(png).decode()]: label
+             for label, png in samples[ANNOTATED:]}
+    right = sum(p["result"][0]["value"]["choices"][0] == truth[p["task"]]
+                for p in stored if p["task"] in truth)
+    assert right / len(truth) > 0.5, right
+
+    # "Start training" in Label Studio: version 2, and the next run predicts every task
+    # again with it (Label Studio keeps the old predictions beside the new).
+    assert ls.post(f"/api/ml/{ml_id}/train").status_code == 200
+    wait_for(lambda: len(api.get("/names/shapes-ls").json()["versions"]) == 2, 120,
+             "version 2")
+    assert Counter(p["model_version"] for p in predictions()) == {
+        "shapes-ls@v1": TASKS, "shapes-ls@v2": TASKS}
+    status = api.get(f"/label-studio/connections/{conn['id']}").json()
+    assert status["project"] == pid and status["last_job_status"] == "succeeded"
+    assert status["last_error"] is None
+    print(f"\n{ANNOTATED} annotations -> version 1 in {trained_s:.1f} s; predictions of "
+          f"version 1 stored for {TASKS} tasks {refreshed_s:.1f} s after the last annotation")
