@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from state.artifacts import read_json, write_json
 from state.ids import is_valid_id, utc_now
@@ -104,9 +105,13 @@ class Registry:
     def __init__(self, root: Path | str):
         self.root = Path(root) / "registry"
 
+    def _folder(self, tenant: str) -> Path:
+        # Tenants come from our own configuration (LQF_API_KEYS), but may hold any
+        # character: quoted and prefixed, so always one path component ("..", too).
+        return self.root / ("t_" + quote(tenant, safe=""))
+
     def _path(self, tenant: str, name: str) -> Path:
-        # Tenants come from our own configuration; names are checked before they get here.
-        return self.root / tenant / f"{check_name(name)}.json"
+        return self._folder(tenant) / f"{check_name(name)}.json"
 
     @contextlib.contextmanager
     def _locked(self, tenant: str, name: str) -> Iterator[Path]:
@@ -126,7 +131,7 @@ class Registry:
             return None
 
     def list(self, tenant: str) -> list[ModelName]:
-        folder = self.root / tenant
+        folder = self._folder(tenant)
         if not folder.is_dir():
             return []
         names = [ModelName.from_json(read_json(p)) for p in sorted(folder.glob("*.json"))]

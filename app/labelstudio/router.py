@@ -1,9 +1,10 @@
-"""Label Studio ML backend: connect a trained model as `<api>/label-studio/<model_id>`.
+"""Label Studio ML backend for one model: `<api>/label-studio/<model reference>`.
 
 Routes of the protocol under that base: `GET /health` (and the base itself), `POST
 /setup`, `POST /predict`, `POST /webhook`. Authentication: Bearer <api key>, or basic
 auth with the API key as the password (Label Studio's connection form has fields for
-it). Models are trained with `POST /jobs`; webhooks are acknowledged, not acted on.
+it). Webhooks are acknowledged, not acted on: to train from Label Studio, connect a
+model name instead (connections.py).
 """
 
 from __future__ import annotations

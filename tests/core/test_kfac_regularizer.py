@@ -17,6 +17,7 @@ from lqf_core.posterior import LQFPosterior
 from lqf_core.train import train_model
 
 from .factories import leave_one_out_changes
+from .test_posterior import forget_versus_fresh
 
 CONFIG = TrainConfig(backbone="tiny_cnn", image_size=16, val_fraction=0.0, suffix_blocks=1,
                      weight_decay=0.05, probe_l2=1.0, kappa=2.0, tol=1e-11, max_iters=500,
@@ -24,13 +25,20 @@ CONFIG = TrainConfig(backbone="tiny_cnn", image_size=16, val_fraction=0.0, suffi
 
 
 @pytest.fixture(scope="module")
-def fitted(backbone):
+def data():
     generator = torch.Generator().manual_seed(3)
     labels = torch.arange(12) % 3
     x = torch.randn(12, 3, 12, 12, generator=generator, dtype=torch.float64)
     x[:, 0] += (labels == 0).double().view(-1, 1, 1)
     x[:, 2] += (labels == 2).double().view(-1, 1, 1)
-    model = train_model(x, labels.tolist(), ["a", "b", "c"], CONFIG, backbone=backbone)
+    return x, labels, torch.randn(3, 3, 12, 12, generator=generator, dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def fitted(backbone, data):
+    x, labels, _ = data
+    model = train_model(x, labels.tolist(), ["a", "b", "c"], CONFIG, backbone=backbone,
+                        item_ids=[str(i) for i in range(len(labels))])
     with torch.no_grad():
         z = backbone.split(CONFIG.suffix)[0](x)
     post = LQFPosterior(model, backbone, z, labels, tol=1e-11, max_iters=500)
@@ -77,6 +85,36 @@ def test_exact_leave_one_out_equals_retraining_with_the_same_prior(fitted, backb
                                      lambda keep: dual_solve(post, keep, mu_without_one))
     assert influence.exact is not None
     assert float((influence.exact - actual_t).norm() / actual_t.norm()) <= 1e-6
+
+
+def test_the_posterior_equals_the_dense_formula(fitted, backbone, data):
+    """J_* H^-1 J_*^T with H = J^T J / N + mu M, by Woodbury in the dual:
+    (A - B^T (N mu I + J M^-1 J^T)^-1 B) / mu, A = J_* M^-1 J_*^T, B = J M^-1 J_*^T."""
+    _, post = fitted
+    with torch.no_grad():
+        z_star = backbone.split(CONFIG.suffix)[0](data[2][:2])
+    cov = post.predictive_covariance(z_star)
+    metric, mu = post.curvature().kfac, CONFIG.metric_strength
+    jac = post.lin.jacobian(post.problem.z)
+    m_inv_jt = torch.stack([metric(row) for row in jac], dim=1)
+    gram = jac @ m_inv_jt + post.n * mu * torch.eye(jac.shape[0], dtype=jac.dtype)
+    for i in range(2):
+        j_star = post.lin.jacobian(z_star[i:i + 1])
+        m_inv_js = torch.stack([metric(row) for row in j_star], dim=1)
+        cross = jac @ m_inv_js
+        expected = (j_star @ m_inv_js - cross.T @ torch.linalg.solve(gram, cross)) / mu
+        torch.testing.assert_close(cov[i], expected, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("forgotten", [["4"], ["0", "5", "10"]])
+def test_forgetting_equals_a_fresh_fit_and_starts_from_the_parent(fitted, backbone, data,
+                                                                  forgotten):
+    """The optimum is unique, so the forget job starts from its converged parent and still
+    ends where a fresh job on the remaining items ends (K and the head refitted)."""
+    model, _ = fitted
+    child, difference = forget_versus_fresh(model, CONFIG, forgotten, backbone, data)
+    assert difference <= 1e-6
+    assert model.info["solver_converged"] and child.info["warm_started"]
 
 
 def test_the_kfac_regularizer_needs_kfac_and_mse():
