@@ -75,7 +75,9 @@ class LQFPosterior:
     def __init__(self, model: TrainedModel, backbone: Backbone, z_train: torch.Tensor,
                  labels: torch.Tensor, device: torch.device | None = None,
                  tol: float = 1e-5, max_iters: int = 500, precondition: bool = True,
-                 dtype: torch.dtype = torch.float64):
+                 dtype: torch.dtype = torch.float64,
+                 should_stop: Callable[[], bool] | None = None):
+        """`should_stop` is polled between the steps of the build (Cancelled if true)."""
         if model.method != Method.LQF:
             raise InvalidDataError(
                 f"exact queries need an lqf model, this one is {model.method.value}"
@@ -91,8 +93,10 @@ class LQFPosterior:
         # Without a preconditioner CG needs at most N*C + 1 iterations in exact arithmetic
         # (H is lambda I plus a rank-N*C term): the better choice for small training sets.
         self.precondition = precondition
+        self._should_stop = should_stop
         z_cast = z_train.to(self.device, self.dtype)
         labels = labels.to(self.device)
+        self._check()
         refit = fit_lqf_head(backbone, z_cast, labels, model.num_classes, model.config, self.device)
         stored = (model.tensors["head.weight"], model.tensors["head.bias"])
         weight_scale = float(refit[0].abs().max()) + 1e-12
@@ -103,6 +107,7 @@ class LQFPosterior:
                 "the training data given do not reproduce the model's linearization point "
                 "(ridge head differs): were items added or removed since it was trained?"
             )
+        self._check()
         # Linearize at the model's own w0 so that queries describe the served model.
         self.setup: LQFSetup = build_lqf_problem(
             backbone, z_cast, labels, model.num_classes, model.config, self.device, head=stored,
@@ -113,16 +118,18 @@ class LQFPosterior:
         self.delta = space.flatten(
             {n: model.tensors[f"delta.{n}"].to(self.setup.head_weight) for n in space.names}
         )
+        self._check()
         self.train_outputs = self.jacobian_products(self.delta) + self.problem.output0
         self.residuals = self.problem.targets - self.train_outputs  # e_i, (N, C)
         self.labels = labels
         self._curvature: CurvatureApproximation | None = None
         if model.config.regularizer == Regularizer.KFAC:
             # Part of the objective itself (its Hessian), so it is needed before any solve.
-            self._curvature = regularize(self.problem, model.config)
+            self._curvature = regularize(self.problem, model.config,
+                                         on_batch=lambda *_: self._check())
         self._leverages: dict[bool, torch.Tensor] = {}  # by exactness
         self._reference_trace: float | None = None
-        self._should_stop: Callable[[], bool] | None = None
+        self._should_stop = None  # queries set their own (interruptible)
 
     @contextlib.contextmanager
     def interruptible(self, should_stop: Callable[[], bool] | None) -> Iterator[None]:

@@ -156,7 +156,8 @@ def build_entry(store: ArtifactStore, record: ModelRecord, predictor: Predictor,
     z = entry.features(x, deadline)
     entry.posterior = LQFPosterior(model, predictor.backbone, z, torch.tensor(y),
                                    device=predictor.device,
-                                   dtype=torch.float64 if exact else torch.float32)
+                                   dtype=torch.float64 if exact else torch.float32,
+                                   should_stop=deadline.passed)
     return entry
 
 
