@@ -53,6 +53,8 @@ class JobKind(StrEnum):
     # import a Label Studio project's annotations (connection `connection_id`) as a
     # dataset snapshot, train on it, add the model to the connection's name
     LABEL_STUDIO_TRAIN = "label_studio_train"
+    # only the snapshot: a new dataset from connection `connection_id`'s project
+    LABEL_STUDIO_IMPORT = "label_studio_import"
 
 
 class IdempotencyConflict(Exception):

@@ -145,11 +145,11 @@ Undo = Callable[[], None]
 @dataclass
 class Outcome:
     """What a job computed: its metrics, and `store(artifacts, job)`, which writes the
-    result and returns (the model id it belongs to, how to take the result back if the
-    job is cancelled before it is marked done)."""
+    result and returns (the job record's fields that name it, e.g. {"model_id": ...},
+    how to take the result back if the job is cancelled before it is marked done)."""
 
     metrics: dict[str, float]
-    store: Callable[[ArtifactStore, dict[str, Any]], tuple[str, Undo]]
+    store: Callable[[ArtifactStore, dict[str, Any]], tuple[dict[str, str], Undo]]
 
 
 @dataclass
@@ -219,13 +219,13 @@ def _execute(jobs: JobStore, job: dict[str, Any], settings: WorkerSettings, leas
         return _fail(jobs, job_id, "internal_error", f"{type(exc).__name__}: {exc}")
 
     try:
-        model_id, undo = outcome.store(artifacts, job)
+        result, undo = outcome.store(artifacts, job)
     except Exception as exc:  # disk full, permissions: say so rather than look "lost"
         log.exception("could not store the result", extra={"job_id": job_id})
         return _fail(jobs, job_id, "storage_error",
                      f"the job finished but its result could not be stored: {exc}")
     done, before = jobs.transition(
-        job_id, RUNNING, JobStatus.SUCCEEDED, model_id=model_id,
+        job_id, RUNNING, JobStatus.SUCCEEDED, **result,
         metrics={k: float(v) for k, v in outcome.metrics.items()},
         progress={**((jobs.get(job_id) or {}).get("progress") or {}), "fraction": 1.0},
     )

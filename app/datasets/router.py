@@ -1,14 +1,17 @@
 from __future__ import annotations
 
 import mimetypes
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, UploadFile
 from fastapi.responses import FileResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
 
 from app.datasets import service
 from app.datasets.schemas import DatasetCreated, DatasetPublic, ItemPublic, ItemsAdded
-from app.deps import Artifacts, SettingsDep, Tenant
+from app.deps import Artifacts, Jobs, SettingsDep, Tenant
+from app.jobs.schemas import JobPublic
+from app.labelstudio.connections import start_import
 from app.pagination import Limit, Offset, Page, page
 from app.uploads import check_upload
 
@@ -28,6 +31,25 @@ def create_dataset(
     default_name = (file.filename or "dataset").rsplit("/", 1)[-1].removesuffix(".zip")
     meta, ignored = service.create(store, settings, tenant, file.file, name or default_name)
     return DatasetCreated.model_validate({**meta, "ignored_files": ignored})
+
+
+class LabelStudioImport(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    connection_id: str = Field(description="a Label Studio connection (POST "
+                                           "/label-studio/connections) whose project to import")
+
+
+@router.post("/from-label-studio", status_code=202, response_model=JobPublic)
+def import_from_label_studio(body: LabelStudioImport, tenant: Tenant, store: Artifacts,
+                             jobs: Jobs, settings: SettingsDep, response: Response
+                             ) -> JobPublic:
+    """Pull a Label Studio project's annotated tasks and their images into a new dataset:
+    a job (`label_studio_import`) whose `dataset_id` names it once it has succeeded. Each
+    item's task id, annotation id and label are kept in the snapshot's provenance."""
+    job = start_import(jobs, store, settings, tenant, body.connection_id)
+    response.headers["Location"] = f"/jobs/{job['id']}"
+    return JobPublic(**job)
 
 
 @router.get("", response_model=Page[DatasetPublic])
@@ -65,6 +87,13 @@ def add_items(
                       added=[ItemPublic(id=a.id, label=a.label, filename=a.filename)
                              for a in added],
                       ignored_files=ignored)
+
+
+@router.get("/{dataset_id}/source")
+def get_source(dataset_id: str, tenant: Tenant, store: Artifacts) -> dict[str, Any]:
+    """Where an imported dataset came from (Label Studio: its URL, project, and each
+    item's task id, annotation id and label); 404 for an uploaded one."""
+    return service.source(store, tenant, dataset_id)
 
 
 @router.get("/{dataset_id}/items/{item_id}/image", response_class=FileResponse)

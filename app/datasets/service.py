@@ -10,7 +10,7 @@ from typing import IO, Any
 from app.config import Settings
 from app.datasets.archive import Limits, extract, open_zip, scan
 from app.errors import ApiError, not_found
-from state.artifacts import ArtifactStore
+from state.artifacts import ArtifactStore, read_json
 from state.ids import new_id, utc_now
 from state.records import DatasetManifest, DatasetSummary, ManifestItem
 
@@ -89,6 +89,16 @@ def item_file(store: ArtifactStore, tenant: str, dataset_id: str, item_id: int) 
         if item.id == item_id:
             return store.dataset_dir(dataset_id) / item.file
     raise not_found("item", str(item_id))
+
+
+def source(store: ArtifactStore, tenant: str, dataset_id: str) -> dict[str, Any]:
+    get_meta(store, tenant, dataset_id)
+    try:
+        data: dict[str, Any] = read_json(store.dataset_dir(dataset_id) / "source.json")
+    except FileNotFoundError:
+        raise ApiError(404, f"dataset {dataset_id} was uploaded, not imported: it has no "
+                            "source record", "no_source") from None
+    return data
 
 
 def delete(store: ArtifactStore, tenant: str, dataset_id: str) -> None:

@@ -41,13 +41,14 @@ class JobError(BaseModel):
 class JobPublic(BaseModel):
     id: str
     status: JobStatus
-    dataset_id: str | None = None  # label_studio_train: the snapshot, once imported
-    method: str
-    backbone: str
+    # label_studio_train / _import: the snapshot, once imported
+    dataset_id: str | None = None
+    method: str | None = None  # None for label_studio_import (it trains nothing)
+    backbone: str | None = None
     # The overrides the job was submitted with, never the full configuration: {} for
     # forget and self-influence jobs, which reuse their parent model's (GET /models/{id}).
-    hyperparameters: dict[str, Any]
-    seed: int
+    hyperparameters: dict[str, Any] = {}
+    seed: int = 0
     created_at: str
     started_at: str | None = None
     finished_at: str | None = None

@@ -294,6 +294,21 @@ def _count_and_train(store: ArtifactStore, jobs: JobStore, settings: Settings,
     return {"status": "training", "job_id": job["id"]}
 
 
+def start_import(jobs: JobStore, store: ArtifactStore, settings: Settings, tenant: str,
+                 conn_id: str) -> dict[str, Any]:
+    """A job that imports the connection's project (its annotated tasks and images) as a
+    new dataset snapshot, without training."""
+    conn = _owned(store, tenant, conn_id)
+    if not conn.label_studio_url or conn.project is None:
+        raise ApiError(409, f"connection {conn_id} has no Label Studio project yet: connect "
+                            "its URL in the project's settings first (Label Studio then "
+                            "calls /setup)", "not_set_up")
+    job, _ = jobs_service.create_job(jobs, settings, tenant, JobKind.LABEL_STUDIO_IMPORT,
+                                     {"dataset_id": None, "connection_id": conn.id}, None,
+                                     "")
+    return job
+
+
 def _training_job(jobs: JobStore, settings: Settings, conn: Connection) -> dict[str, Any]:
     """The connection's queued training job, else a new one: a job that has not started
     yet will read every annotation made until it starts."""

@@ -146,6 +146,22 @@ def test_label_studio_trains_versions_and_refreshes_through_a_connection(
     assert ls.get(f"{url}/versions").json()["versions"] == ["ls-shapes@v2", "ls-shapes@v1"]
     assert ls.post(f"{url}/predict", json=predict_body).json()["model_version"] == "ls-shapes@v2"
 
+    # The snapshot says where each item came from.
+    source = alice.get(f"/datasets/{model['dataset_id']}/source").json()
+    assert source["project"] == 1 and source["label_studio_url"] == LS_URL
+    assert sorted(e["task_id"] for e in source["items"]) == list(range(100, 112))
+    assert {e["annotation_id"] for e in source["items"]} == set(range(500, 512))
+
+    # Import without training: POST /datasets/from-label-studio, a job, a dataset.
+    r = alice.post("/datasets/from-label-studio", json={"connection_id": conn["id"]})
+    assert r.status_code == 202 and r.json()["kind"] == "label_studio_import", r.text
+    imported = wait_job(alice, r.json()["id"], FINAL)
+    assert imported["status"] == "succeeded" and imported["model_id"] is None, imported
+    dataset = alice.get(f"/datasets/{imported['dataset_id']}").json()
+    assert dataset["num_items"] == 12 and dataset["classes"] == classes
+    assert bob.post("/datasets/from-label-studio",
+                    json={"connection_id": conn["id"]}).status_code == 404
+
     # What Label Studio would hide stays on the connection's status.
     r = ls.post(f"{url}/setup", json=setup_body(["cat", "dog"]))
     assert r.status_code == 422

@@ -21,7 +21,7 @@ import httpx
 from lqf_core.data import IMAGE_SUFFIXES, open_image
 from lqf_core.errors import InvalidDataError, TrainingCancelled
 from lqf_core.train import Progress
-from state.artifacts import write_json
+from state.artifacts import ArtifactStore, write_json
 from state.connections import Connection, ConnectionStore
 from state.ids import new_id, utc_now
 from state.labelstudio import (
@@ -32,7 +32,7 @@ from state.labelstudio import (
 )
 from state.records import DatasetManifest, ManifestItem
 from worker.jobs.train import compute_training
-from worker.lifecycle import JobContext, JobFailure, Outcome
+from worker.lifecycle import JobContext, JobFailure, Outcome, Undo
 
 FETCH_TIMEOUT_S = 30.0
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
@@ -40,6 +40,23 @@ MAX_TASKS = 20_000
 
 
 def compute_label_studio_training(job: dict[str, Any], context: JobContext) -> Outcome:
+    job["dataset_id"] = import_project(_connection(job, context), context)
+    return compute_training(job, context)
+
+
+def compute_label_studio_import(job: dict[str, Any], context: JobContext) -> Outcome:
+    """Only the snapshot: a dataset to train on with POST /jobs."""
+    dataset_id = import_project(_connection(job, context), context)
+    items = float(len(context.artifacts.manifest(dataset_id).items))
+
+    def store(artifacts: ArtifactStore, job: dict[str, Any]) -> tuple[dict[str, str], Undo]:
+        return ({"dataset_id": dataset_id},
+                lambda: artifacts.remove(artifacts.dataset_dir(dataset_id)))
+
+    return Outcome({"items": items}, store)
+
+
+def _connection(job: dict[str, Any], context: JobContext) -> Connection:
     conn = ConnectionStore(context.artifacts.root).by_id(job["tenant"], job["connection_id"])
     if conn is None:
         raise JobFailure("connection_not_found",
@@ -47,8 +64,7 @@ def compute_label_studio_training(job: dict[str, Any], context: JobContext) -> O
     if not conn.label_studio_url or conn.project is None or not conn.label_config:
         raise JobFailure("not_set_up", "Label Studio has not called /setup on this "
                                        "connection yet: connect it in the project's settings")
-    job["dataset_id"] = import_project(conn, context)
-    return compute_training(job, context)
+    return conn
 
 
 def import_project(conn: Connection, context: JobContext) -> str:

@@ -49,7 +49,7 @@ def model_items(model: TrainedModel, manifest: DatasetManifest, ids: list[str],
 def new_model(model: TrainedModel, config: TrainConfig) -> Outcome:
     """The outcome of a job that made a model: stored, then (when the job names one) the
     next version of its model name."""
-    def store(artifacts: ArtifactStore, job: dict[str, Any]) -> tuple[str, Undo]:
+    def store(artifacts: ArtifactStore, job: dict[str, Any]) -> tuple[dict[str, str], Undo]:
         model_id = _store_model(artifacts, job, config, model)
         name = job.get("model_name")
         registry = Registry(artifacts.root)
@@ -67,7 +67,8 @@ def new_model(model: TrainedModel, config: TrainConfig) -> Outcome:
                 registry.remove_version(job["tenant"], name, model_id)
             artifacts.remove(artifacts.model_dir(model_id))
 
-        return model_id, undo
+        # A label_studio_train job's snapshot is named too (its record had none yet).
+        return {"model_id": model_id, "dataset_id": job["dataset_id"]}, undo
 
     return Outcome(dict(model.metrics), store)
 
