@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -177,6 +178,21 @@ class LocalService:
         self.api = self._spawn("api", api_command(self.host, self.port))
         wait_http(f"{self.base_url}/livez", [self.api, *self.workers], timeout)
         return self
+
+    @classmethod
+    @contextlib.contextmanager
+    def running_under(cls, root: Path, env: dict[str, str],
+                      **kw: Any) -> Iterator[LocalService]:
+        """A service with its data, Redis and logs under `root`, ready (a live worker),
+        stopped on the way out: what a test or a benchmark needs."""
+        service = cls(data_dir=root / "data", redis_dir=root / "redis", env=env,
+                      log_dir=root / "logs", **kw)
+        try:
+            service.start()
+            service.wait_ready()
+            yield service
+        finally:
+            service.stop()
 
     def start_worker(self, name: str = "w") -> subprocess.Popen:
         label = f"{name}-{len(self.workers)}"

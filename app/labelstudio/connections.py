@@ -35,6 +35,7 @@ from app.jobs.schemas import JobCreate
 from app.labelstudio import service as ls
 from app.labelstudio.protocol import json_body, predict_tasks
 from app.pagination import Limit, Offset, Page, page
+from lqf_core.config import Method
 from state.artifacts import ArtifactStore
 from state.connections import Connection, ConnectionStore
 from state.jobstore import JobKind, JobStatus, JobStore
@@ -57,7 +58,7 @@ class ConnectionCreate(BaseModel):
                                   "first training)")
     min_annotations: int = Field(default=1, ge=1, le=100_000,
                                  description="annotation events that start a training job")
-    method: str = "lqf"
+    method: Method = Method.LQF
     backbone: str = JobCreate.model_fields["backbone"].default
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
     seed: int = Field(default=0, ge=0, le=2**32 - 1)
@@ -104,7 +105,7 @@ def create_connection(body: ConnectionCreate, tenant: Tenant, store: Artifacts,
         check_name(body.name)
     except RegistryError as exc:
         raise ApiError(422, str(exc), "invalid_name") from None
-    training: dict[str, Any] = {"method": body.method, "backbone": body.backbone,
+    training: dict[str, Any] = {"method": body.method.value, "backbone": body.backbone,
                                 "hyperparameters": body.hyperparameters, "seed": body.seed}
     # Refused now what would make every training job fail (422 naming it).
     jobs_service.validate(JobCreate(dataset_id="", **training), settings)

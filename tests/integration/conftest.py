@@ -37,7 +37,7 @@ class Service(LocalService):
 @pytest.fixture(scope="session")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     root = tmp_path_factory.mktemp("lqf-service")
-    log_dir = root / "logs"
+    log_dir = root / "logs"  # where running_under puts each process's log
     env = {
         # A stand-in Label Studio that test_labelstudio.py serves on this port.
         "LQF_LABEL_STUDIO_URL": f"http://127.0.0.1:{LABEL_STUDIO_PORT}",
@@ -52,13 +52,10 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         "LQF_PREDICT_MAX_WAIT_MS": "5",
         **LIMITS,
     }
-    svc = Service(data_dir=root / "data", redis_dir=root / "redis", env=env, log_dir=log_dir)
     try:
-        svc.start()
-        svc.wait_ready()
-        yield svc
+        with Service.running_under(root, env) as svc:
+            yield svc
     finally:
-        svc.stop()
         if os.environ.get("LQF_TEST_SHOW_LOGS"):
             for log in sorted(log_dir.iterdir()):
                 sys.stderr.write(f"--- {log.name}\n{log.read_text(errors='replace')[-5000:]}\n")

@@ -74,14 +74,8 @@ def service(label_studio: str, tmp_path_factory: pytest.TempPathFactory
     root = tmp_path_factory.mktemp("lqf-for-label-studio")
     env = {"LQF_QUEUE": "lqf-ls-real", "LQF_API_KEYS": f"alice:{KEYS['alice']}",
            "LQF_LABEL_STUDIO_URL": label_studio}
-    svc = LocalService(data_dir=root / "data", redis_dir=root / "redis", env=env,
-                       log_dir=root / "logs")
-    try:
-        svc.start()
-        svc.wait_ready()
+    with LocalService.running_under(root, env) as svc:
         yield svc
-    finally:
-        svc.stop()
 
 
 def wait_for(check: Any, timeout: float, what: str) -> Any:

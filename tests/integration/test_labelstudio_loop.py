@@ -186,3 +186,15 @@ def test_label_studio_trains_versions_and_refreshes_through_a_connection(
     # Deleting the connection revokes its URL.
     assert alice.delete(f"/label-studio/connections/{conn['id']}").status_code == 204
     assert ls.get(f"{url}/health").status_code == 404
+
+
+@pytest.mark.parametrize("body, code", [
+    ({"name": "bad name"}, "invalid_name"),
+    ({"name": "ok", "method": "vibes"}, "validation_error"),
+    ({"name": "ok", "backbone": "alexnet9"}, "unknown_backbone"),
+    ({"name": "ok", "hyperparameters": {"image_size": 3}}, "invalid_config"),
+    ({"name": "ok", "min_annotations": 0}, "validation_error"),
+])
+def test_a_connection_that_could_never_train_is_refused(alice, body, code):
+    r = alice.post("/label-studio/connections", json=body)
+    assert r.status_code == 422 and r.json()["code"] == code, r.text

@@ -56,14 +56,8 @@ def exact_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSer
     root = tmp_path_factory.mktemp("lqf-deadline")
     env = {"LQF_QUEUE": "lqf-deadline", "LQF_API_KEYS": f"alice:{KEYS['alice']}",
            "LQF_QUERY_TIMEOUT_S": str(TIMEOUT_S), "LQF_EXACT_QUERY_LIMIT": "2000"}
-    service = LocalService(data_dir=root / "data", redis_dir=root / "redis", env=env,
-                           log_dir=root / "logs")
-    try:
-        service.start()
-        service.wait_ready()
+    with LocalService.running_under(root, env) as service:
         yield service
-    finally:
-        service.stop()
 
 
 @pytest.fixture(scope="module")
