@@ -144,12 +144,12 @@ Undo = Callable[[], None]
 
 @dataclass
 class Outcome:
-    """What a job computed: its metrics, and `store(artifacts, job)`, which writes the
-    result and returns (the job record's fields that name it, e.g. {"model_id": ...},
-    how to take the result back if the job is cancelled before it is marked done)."""
+    """What a job computed: its metrics, and `store(artifacts)`, which writes the result
+    and returns (the job record's fields that name it, e.g. {"model_id": ...}, how to
+    take the result back if the job is cancelled before it is marked done)."""
 
     metrics: dict[str, float]
-    store: Callable[[ArtifactStore, dict[str, Any]], tuple[dict[str, str], Undo]]
+    store: Callable[[ArtifactStore], tuple[dict[str, str], Undo]]
 
 
 @dataclass
@@ -219,7 +219,7 @@ def _execute(jobs: JobStore, job: dict[str, Any], settings: WorkerSettings, leas
         return _fail(jobs, job_id, "internal_error", f"{type(exc).__name__}: {exc}")
 
     try:
-        result, undo = outcome.store(artifacts, job)
+        result, undo = outcome.store(artifacts)
     except Exception as exc:  # disk full, permissions: say so rather than look "lost"
         log.exception("could not store the result", extra={"job_id": job_id})
         return _fail(jobs, job_id, "storage_error",

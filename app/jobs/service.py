@@ -51,6 +51,17 @@ def create_job(jobs: JobStore, settings: Settings, tenant: str, kind: JobKind,
     return job, created
 
 
+def shared_job(jobs: JobStore, settings: Settings, tenant: str, kind: JobKind,
+               fields: dict[str, Any], key: str, reusable: set[JobStatus]) -> dict[str, Any]:
+    """The job of `kind` that everyone asking under `key` shares while its status is in
+    `reusable`; once it has moved on, a new one."""
+    job, created = create_job(jobs, settings, tenant, kind, fields, key, key)
+    if not created and job["status"] not in {s.value for s in reusable}:
+        jobs.drop_idempotency_key(tenant, key)
+        job, _ = create_job(jobs, settings, tenant, kind, fields, key, key)
+    return job
+
+
 def validate(body: JobCreate, settings: Settings) -> TrainConfig:
     """Everything that would make the job fail at once is refused here with a 4xx."""
     clash = [k for k in TOP_LEVEL if k in body.hyperparameters]
@@ -126,13 +137,10 @@ def start_self_influence(jobs: JobStore, store: ArtifactStore, settings: Setting
     else a new one (one per model at a time, whoever asks)."""
     fields = _derived_fields(store, tenant, record,
                              "self-influence refits on its training images")
-    key = f"self-influence:{record['id']}"
-    job, created = create_job(jobs, settings, tenant, JobKind.SELF_INFLUENCE, fields, key, key)
-    if not created and job["status"] in {s.value for s in TERMINAL}:
-        # The last one ended without a result (failed or cancelled): try again.
-        jobs.drop_idempotency_key(tenant, key)
-        job, _ = create_job(jobs, settings, tenant, JobKind.SELF_INFLUENCE, fields, key, key)
-    return job
+    # A succeeded one left its result beside the model (never asked again); a failed or
+    # cancelled one left none: try again.
+    return shared_job(jobs, settings, tenant, JobKind.SELF_INFLUENCE, fields,
+                      f"self-influence:{record['id']}", reusable=set(JobStatus) - TERMINAL)
 
 
 def get(jobs: JobStore, tenant: str, job_id: str) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 
 from app.config import Settings
 from app.deps import Artifacts, Jobs, SettingsDep, Tenant
@@ -186,9 +187,11 @@ def _remember_error(store: ArtifactStore, conn: Connection, message: str) -> Non
         c.last_error = message
 
 
+# Routes that read or write files or Redis are plain `def` (FastAPI's thread pool), or
+# hand that part to it: never on the event loop.
 @protocol.get("")
 @protocol.get("/health")
-async def health(conn: Conn, store: Artifacts) -> dict[str, Any]:
+def health(conn: Conn, store: Artifacts) -> dict[str, Any]:
     current = _current(store, conn)
     return {"status": "UP", "model_class": f"LQF Serve ({conn.name})",
             "model_version": current[1] if current else _untrained(conn)}
@@ -216,6 +219,11 @@ def _checked_hostname(hostname: Any, settings: Settings) -> str | None:
 async def setup(conn: Conn, request: Request, store: Artifacts,
                 settings: SettingsDep) -> dict[str, Any]:
     body = await json_body(request)
+    return await run_in_threadpool(_setup, conn, body, store, settings)
+
+
+def _setup(conn: Connection, body: dict[str, Any], store: ArtifactStore,
+           settings: Settings) -> dict[str, Any]:
     try:
         hostname = _checked_hostname(body.get("hostname"), settings)
         schema = str(body.get("schema") or "")
@@ -238,7 +246,7 @@ async def setup(conn: Conn, request: Request, store: Artifacts,
 
 
 @protocol.get("/versions")
-async def versions(conn: Conn, store: Artifacts) -> dict[str, Any]:
+def versions(conn: Conn, store: Artifacts) -> dict[str, Any]:
     entry = _name(store, conn)
     labels = [_label(conn, v) for v in reversed(entry.versions)] if entry else []
     return {"versions": labels or [_untrained(conn)]}
@@ -248,7 +256,7 @@ async def versions(conn: Conn, store: Artifacts) -> dict[str, Any]:
 async def predict(conn: Conn, request: Request, store: Artifacts,
                   settings: SettingsDep) -> JSONResponse:
     body = await json_body(request)
-    current = _current(store, conn)
+    current = await run_in_threadpool(_current, store, conn)
     if current is None:  # nothing trained yet: Label Studio stores nothing
         return JSONResponse({"results": [], "model_version": _untrained(conn)})
     record, label = current
@@ -258,7 +266,7 @@ async def predict(conn: Conn, request: Request, store: Artifacts,
     try:
         results = await predict_tasks(request, store, settings, record, body, fetcher, label)
     except ApiError as exc:
-        _remember_error(store, conn, str(exc.detail))
+        await run_in_threadpool(_remember_error, store, conn, str(exc.detail))
         raise
     return JSONResponse({"results": results, "model_version": label})
 
@@ -270,15 +278,16 @@ async def webhook(conn: Conn, request: Request, store: Artifacts, jobs: Jobs,
     action = str(body.get("action") or "")
     if action != "START_TRAINING" and action not in ANNOTATION_EVENTS:
         return {"status": "ignored", "action": action}
-    return _count_and_train(store, jobs, settings, conn, body,
-                            force=action == "START_TRAINING")
+    return await run_in_threadpool(_count_and_train, store, jobs, settings, conn, body,
+                                   action == "START_TRAINING")
 
 
 @protocol.post("/train", status_code=201)
 async def train(conn: Conn, request: Request, store: Artifacts, jobs: Jobs,
                 settings: SettingsDep) -> dict[str, Any]:
     """The legacy training call: as START_TRAINING."""
-    return _count_and_train(store, jobs, settings, conn, await json_body(request), force=True)
+    body = await json_body(request)
+    return await run_in_threadpool(_count_and_train, store, jobs, settings, conn, body, True)
 
 
 def _count_and_train(store: ArtifactStore, jobs: JobStore, settings: Settings,
@@ -315,12 +324,7 @@ def _training_job(jobs: JobStore, settings: Settings, conn: Connection) -> dict[
     yet will read every annotation made until it starts."""
     fields = {"dataset_id": None, **conn.training, "model_name": conn.name,
               "connection_id": conn.id}
-    key = f"label-studio-train:{conn.id}"
-    job, created = jobs_service.create_job(jobs, settings, conn.tenant,
-                                           JobKind.LABEL_STUDIO_TRAIN, fields, key, key)
-    if not created and job["status"] != JobStatus.QUEUED.value:
-        # Running (it exported already) or over: the new annotations need a new run.
-        jobs.drop_idempotency_key(conn.tenant, key)
-        job, _ = jobs_service.create_job(jobs, settings, conn.tenant,
-                                         JobKind.LABEL_STUDIO_TRAIN, fields, key, key)
-    return job
+    # A running one has exported already: the new annotations need a new run.
+    return jobs_service.shared_job(jobs, settings, conn.tenant, JobKind.LABEL_STUDIO_TRAIN,
+                                   fields, f"label-studio-train:{conn.id}",
+                                   reusable={JobStatus.QUEUED})

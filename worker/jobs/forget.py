@@ -25,4 +25,4 @@ def compute_forget(job: dict[str, Any], context: JobContext) -> Outcome:
         progress=context.progress, should_stop=context.should_stop,
         weights_dir=context.settings.weights_dirs(), parent_id=job["parent_model_id"],
     )
-    return new_model(model, parent.config)
+    return new_model(model, parent.config, job)

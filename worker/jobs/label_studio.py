@@ -40,8 +40,8 @@ MAX_TASKS = 20_000
 
 
 def compute_label_studio_training(job: dict[str, Any], context: JobContext) -> Outcome:
-    job["dataset_id"] = import_project(_connection(job, context), context)
-    return compute_training(job, context)
+    dataset_id = import_project(_connection(job, context), context)
+    return compute_training({**job, "dataset_id": dataset_id}, context)
 
 
 def compute_label_studio_import(job: dict[str, Any], context: JobContext) -> Outcome:
@@ -49,7 +49,7 @@ def compute_label_studio_import(job: dict[str, Any], context: JobContext) -> Out
     dataset_id = import_project(_connection(job, context), context)
     items = float(len(context.artifacts.manifest(dataset_id).items))
 
-    def store(artifacts: ArtifactStore, job: dict[str, Any]) -> tuple[dict[str, str], Undo]:
+    def store(artifacts: ArtifactStore) -> tuple[dict[str, str], Undo]:
         return ({"dataset_id": dataset_id},
                 lambda: artifacts.remove(artifacts.dataset_dir(dataset_id)))
 

@@ -46,10 +46,10 @@ def model_items(model: TrainedModel, manifest: DatasetManifest, ids: list[str],
     return files, labels
 
 
-def new_model(model: TrainedModel, config: TrainConfig) -> Outcome:
-    """The outcome of a job that made a model: stored, then (when the job names one) the
+def new_model(model: TrainedModel, config: TrainConfig, job: dict[str, Any]) -> Outcome:
+    """The outcome of `job`, which made a model: stored, then (when the job names one) the
     next version of its model name."""
-    def store(artifacts: ArtifactStore, job: dict[str, Any]) -> tuple[dict[str, str], Undo]:
+    def store(artifacts: ArtifactStore) -> tuple[dict[str, str], Undo]:
         model_id = _store_model(artifacts, job, config, model)
         name = job.get("model_name")
         registry = Registry(artifacts.root)

@@ -35,7 +35,7 @@ def compute_self_influence(job: dict[str, Any], context: JobContext) -> Outcome:
                    "score": float(result.scores[i])} for i in order],
     }
 
-    def store(artifacts: ArtifactStore, job: dict[str, Any]) -> tuple[dict[str, str], Undo]:
+    def store(artifacts: ArtifactStore) -> tuple[dict[str, str], Undo]:
         path = artifacts.self_influence_path(model_id)
         write_json(path, scores)
         return {"model_id": model_id}, lambda: path.unlink(missing_ok=True)

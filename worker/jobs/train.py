@@ -28,4 +28,4 @@ def compute_training(job: dict[str, Any], context: JobContext) -> Outcome:
         should_stop=context.should_stop, weights_dir=context.settings.weights_dirs(),
         item_ids=ids,
     )
-    return new_model(model, config)
+    return new_model(model, config, job)
