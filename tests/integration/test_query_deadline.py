@@ -1,8 +1,9 @@
 """Every closed-form query answers within LQF_QUERY_TIMEOUT_S or gets a 503, and its
 work is stopped. The case that once ran for 17.5 minutes: a default job (MobileNetV2) on
-150 digit images (15 per class, 32 px), then `uncertainty=true` for one image; N*C =
-1,500 is under the default LQF_EXACT_QUERY_LIMIT, so it takes the CG path, whose solves
-do not converge in 500 iterations at this size (docs/benchmarks.md)."""
+150 digit images (15 per class, 32 px), then `uncertainty=true` for one image. N*C
+(1,200 after the validation split) was under the old default LQF_EXACT_QUERY_LIMIT of
+2,000, so it took the CG path, whose solves do not converge in 200 iterations at this
+size (bench.cg_path, docs/benchmarks.md). This test sets that limit again."""
 
 from __future__ import annotations
 
