@@ -36,7 +36,8 @@ def _train(args: argparse.Namespace) -> int:
 
     values = {"method": args.method, "backbone": args.backbone, "seed": args.seed}
     for name in ("image_size", "val_fraction", "suffix_blocks", "weight_decay", "probe_l2",
-                 "kappa", "max_iters", "tol", "epochs", "lr", "leaky_slope", "device"):
+                 "kappa", "max_iters", "tol", "epochs", "lr", "leaky_slope", "device",
+                 "solver"):
         value = getattr(args, name)
         if value is not None:
             values[name] = value
@@ -100,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, kind in (("image-size", int), ("val-fraction", float), ("suffix-blocks", int),
                        ("weight-decay", float), ("probe-l2", float), ("kappa", float),
                        ("max-iters", int), ("tol", float), ("epochs", int), ("lr", float),
-                       ("leaky-slope", float), ("device", str)):
+                       ("leaky-slope", float), ("device", str), ("solver", str)):
         train.add_argument(f"--{name}", type=kind, default=None)
     train.set_defaults(handler=_train)
 

@@ -34,9 +34,24 @@ class Regularizer(StrEnum):
     KFAC = "kfac"
 
 
+class Solver(StrEnum):
+    """How the LQF quadratic is solved (docs/method.md)."""
+
+    PCG = "pcg"  # K-FAC-preconditioned CG for max_iters iterations: an early stop
+    # The unique optimum by one Cholesky factor of the N*C x N*C Gram matrix (exact.py),
+    # with exact leave-one-out outputs; every item is trained on (no held-out fifth).
+    EXACT = "exact"
+
+
 class ProbeKind(StrEnum):
     RIDGE = "ridge"
     LOGISTIC = "logistic"
+
+
+# The weight decay each solver is measured at (docs/benchmarks.md). The early stop needs
+# little (it regularises by stopping); the exact optimum at 1e-3 interpolates the few
+# training images, and 0.1 was best by leave-one-out and by dev accuracy at 100 shots.
+DEFAULT_WEIGHT_DECAY = {Solver.PCG: 1e-3, Solver.EXACT: 0.1}
 
 
 @dataclass(frozen=True)
@@ -49,7 +64,7 @@ class TrainConfig:
     seed: int = 0
     # Fraction of the training items held out to fit the softmax temperature and report
     # validation metrics. 0 trains on everything and skips calibration.
-    val_fraction: float = 0.2
+    val_fraction: float = 0.2  # not used by solver "exact": leave-one-out replaces it
     batch_size: int = 64
     device: str = "auto"
 
@@ -60,7 +75,9 @@ class TrainConfig:
     # tied with 2 below that; resnets and tiny_cnn: 2). The trained model records the value.
     suffix_blocks: int | None = None
     kappa: float = 5.0  # targets are kappa * onehot
-    weight_decay: float = 1e-3  # lambda in lambda/2 ||delta_w||^2
+    # lambda in lambda/2 ||delta_w||^2. None: the solver's default (DEFAULT_WEIGHT_DECAY);
+    # the trained model records the value.
+    weight_decay: float | None = None
     # Ridge penalty of the head initialisation, relative to the feature scale (see probe.py).
     # Strong: a head that already interpolates the few training images leaves the
     # linearized suffix nothing to learn.
@@ -68,6 +85,7 @@ class TrainConfig:
     loss: LQFLoss = LQFLoss.MSE
     use_kfac: bool = True
     regularizer: Regularizer = Regularizer.ISOTROPIC
+    solver: Solver = Solver.PCG
     metric_strength: float = 1.0  # mu of the "kfac" regularizer
     # PCG iterations (or optimiser steps for the CE ablation). An early stop, not a converged
     # solve: validation accuracy peaks after 5-10 iterations (bench.solver), and the transfer
@@ -115,6 +133,13 @@ class TrainConfig:
                                      "(Backbone.default_suffix_blocks) first")
         return self.suffix_blocks
 
+    @property
+    def ridge(self) -> float:
+        """weight_decay, or the solver's default when it is unset."""
+        if self.weight_decay is not None:
+            return self.weight_decay
+        return DEFAULT_WEIGHT_DECAY[self.solver]
+
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
@@ -127,7 +152,8 @@ class TrainConfig:
             ("suffix_blocks", self.suffix_blocks is None or 0 <= self.suffix_blocks <= 64,
              "null (the backbone's default) or between 0 and 64"),
             ("kappa", self.kappa > 0, "positive"),
-            ("weight_decay", self.weight_decay > 0, "positive"),
+            ("weight_decay", self.weight_decay is None or self.weight_decay > 0,
+             "null (the solver's default) or positive"),
             ("metric_strength", self.metric_strength > 0, "positive"),
             ("probe_l2", self.probe_l2 > 0, "positive"),
             ("max_iters", 1 <= self.max_iters <= 100_000, "between 1 and 100000"),
@@ -143,6 +169,10 @@ class TrainConfig:
         if self.regularizer == Regularizer.KFAC and not (
                 self.use_kfac and self.loss == LQFLoss.MSE):
             raise InvalidConfigError("regularizer 'kfac' needs use_kfac true and loss 'mse'")
+        if self.solver == Solver.EXACT and not (
+                self.loss == LQFLoss.MSE and self.regularizer == Regularizer.ISOTROPIC):
+            raise InvalidConfigError("solver 'exact' needs loss 'mse' and regularizer "
+                                     "'isotropic'")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise InvalidConfigError(
                 f"device must be 'auto', 'cpu' or 'cuda[:n]', got {self.device!r}"
@@ -150,7 +180,7 @@ class TrainConfig:
 
 
 _ENUMS: dict[str, type[Enum]] = {"Method": Method, "LQFLoss": LQFLoss, "ProbeKind": ProbeKind,
-                                  "Regularizer": Regularizer}
+                                  "Regularizer": Regularizer, "Solver": Solver}
 
 
 def _coerce(name: str, type_name: Any, value: Any) -> Any:

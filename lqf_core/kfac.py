@@ -74,7 +74,7 @@ def _output_grads(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
     return g.reshape(g.shape[0], groups, g.shape[1] // groups, -1)
 
 
-class _LayerTaps:
+class LayerTaps:
     """Forward hooks that record each linearized layer's input and output."""
 
     def __init__(self, lin: LinearizedNet):
@@ -83,7 +83,7 @@ class _LayerTaps:
         self.inputs: dict[str, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
 
-    def __enter__(self) -> _LayerTaps:
+    def __enter__(self) -> LayerTaps:
         def save(name: str) -> Callable:
             def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
                 self.inputs[name] = args[0].detach()
@@ -131,7 +131,7 @@ def compute_kfac_factors(
     sums_a: dict[str, torch.Tensor] = {}
     sums_s: dict[str, torch.Tensor] = {}
     counts_a: dict[str, int] = {}
-    with _LayerTaps(lin) as taps, torch.enable_grad():
+    with LayerTaps(lin) as taps, torch.enable_grad():
         all_batches = list(batches(n_total, batch_size))
         for index, sl in enumerate(all_batches):
             out, unfolded = taps.run(z[sl])
@@ -237,7 +237,7 @@ class KFACPreconditioner:
             raise NotImplementedError("output_forms needs every parameter in a K-FAC block")
         by_weight = {f.weight_name: (vec_a, vec_s, inv) for f, vec_a, vec_s, inv in self.blocks}
         forms = []
-        with _LayerTaps(lin) as taps, torch.enable_grad():
+        with LayerTaps(lin) as taps, torch.enable_grad():
             for sl in batches(z.shape[0], batch_size):
                 if on_batch is not None:
                     on_batch()  # e.g. raises to stop

@@ -24,7 +24,7 @@ from lqf_core.calibration import (
     negative_log_likelihood,
 )
 from lqf_core.classifier import build_classifier
-from lqf_core.config import Method, ProbeKind, TrainConfig
+from lqf_core.config import Method, ProbeKind, Solver, TrainConfig
 from lqf_core.data import ImageSource
 from lqf_core.device import resolve_device
 from lqf_core.errors import InvalidConfigError, InvalidDataError, TrainingCancelled
@@ -36,7 +36,7 @@ from lqf_core.probe import fit_logistic, fit_ridge
 
 @dataclass(frozen=True)
 class Progress:
-    """A progress report: `stage` in load|features|kfac|solve|epoch|calibrate|done."""
+    """A progress report: `stage` in load|features|kfac|gram|solve|epoch|calibrate|done."""
 
     stage: str
     step: int
@@ -137,6 +137,14 @@ def _train_linear_probe(backbone: Backbone, x: torch.Tensor, y: torch.Tensor, nu
     return {"head.weight": w, "head.bias": b}
 
 
+def _held_out_metrics(prefix: str, logits: torch.Tensor, labels: torch.Tensor,
+                      temperature: float) -> dict[str, float]:
+    probs = F.softmax(logits / temperature, dim=1)
+    return {f"{prefix}_accuracy": accuracy(logits, labels),
+            f"{prefix}_nll": negative_log_likelihood(probs, labels),
+            f"{prefix}_ece": expected_calibration_error(probs, labels)}
+
+
 def load_inputs(images: Sequence[ImageSource] | torch.Tensor, backbone: Backbone,
                 image_size: int, report: Reporter) -> torch.Tensor:
     """Images -> the backbone's preprocessed tensor (n, 3, s, s); tensors pass through."""
@@ -165,15 +173,17 @@ def prefix_outputs(prefix: torch.nn.Module, x: torch.Tensor, ids: Sequence[str],
 
 def _train_lqf(backbone: Backbone, z: torch.Tensor, y: torch.Tensor, num_classes: int,
                config: TrainConfig, device: torch.device, report: Reporter,
-               warm_start: TrainedModel | None) -> tuple[dict, dict, torch.Tensor]:
-    """(tensors, info, training-set logits)."""
+               warm_start: TrainedModel | None
+               ) -> tuple[dict, dict, torch.Tensor, torch.Tensor | None]:
+    """(tensors, info, training-set logits, leave-one-out logits of the exact solver)."""
+    curvature_stage = "gram" if config.solver == Solver.EXACT else "kfac"
     fit = fit_lqf(backbone, z, y, num_classes, config, device,
-                  on_kfac=lambda i, n: report("kfac", i, n),
+                  on_kfac=lambda i, n: report(curvature_stage, i, n),
                   on_step=lambda i, metrics: report("solve", i, config.max_iters, **metrics),
                   should_stop=report.check_cancel_flag, warm_start=warm_start)
     outputs = fit.setup.problem.outputs(fit.delta)
     info = {**fit.info, "train_loss": fit.setup.problem.loss(fit.delta, outputs)}
-    return fit.setup.tensors(fit.delta), info, outputs.detach()
+    return fit.setup.tensors(fit.delta), info, outputs.detach(), fit.loo_outputs
 
 
 def train_model(
@@ -215,6 +225,8 @@ def train_model(
     if config.suffix_blocks is None:
         config = config.replace(suffix_blocks=backbone.default_suffix_blocks)
     assert config.suffix_blocks is not None
+    if config.weight_decay is None:
+        config = config.replace(weight_decay=config.ridge)
     if config.method == Method.LQF and config.suffix_blocks > backbone.num_feature_blocks:
         raise InvalidConfigError(
             f"suffix_blocks={config.suffix_blocks} but {backbone.name} has "
@@ -223,7 +235,10 @@ def train_model(
     x = load_inputs(images, backbone, config.image_size, report)
     y = torch.as_tensor(list(labels), dtype=torch.long)
     num_classes = len(class_names)
-    fit_idx, val_idx = split_by_item(labels, ids, config.val_fraction, config.seed)
+    # The exact solver's leave-one-out outputs replace the held-out fifth.
+    exact = config.method == Method.LQF and config.solver == Solver.EXACT
+    val_fraction = 0.0 if exact else config.val_fraction
+    fit_idx, val_idx = split_by_item(labels, ids, val_fraction, config.seed)
     x_fit, y_fit, x_val, y_val = x[fit_idx], y[fit_idx], x[val_idx], y[val_idx]
     info: dict = {
         "num_train": len(fit_idx),
@@ -232,14 +247,15 @@ def train_model(
         "val_item_ids": [ids[i] for i in val_idx],
     }
 
+    loo_logits: torch.Tensor | None = None
     if config.method == Method.LINEAR_PROBE:
         tensors = _train_linear_probe(backbone, x_fit, y_fit, num_classes, config, device, report)
     elif config.method == Method.LQF:
         prefix = backbone.split(config.suffix_blocks)[0].to(device)
         z_fit = prefix_outputs(prefix, x_fit, info["train_item_ids"], prefix_cache, device,
                                config.batch_size, report)
-        tensors, lqf_info, train_logits = _train_lqf(backbone, z_fit, y_fit, num_classes,
-                                                     config, device, report, warm_start)
+        tensors, lqf_info, train_logits, loo_logits = _train_lqf(
+            backbone, z_fit, y_fit, num_classes, config, device, report, warm_start)
         info.update(lqf_info)
     else:
         probe_config = config.replace(method=Method.LINEAR_PROBE, probe=ProbeKind.LOGISTIC)
@@ -259,12 +275,13 @@ def train_model(
     if len(val_idx) > 0:
         val_logits = classifier.logits(x_val.to(device)).cpu().double()
         model.temperature = fit_temperature(val_logits, y_val)
-        probs = F.softmax(val_logits / model.temperature, dim=1)
-        model.metrics.update(
-            val_accuracy=accuracy(val_logits, y_val),
-            val_nll=negative_log_likelihood(probs, y_val),
-            val_ece=expected_calibration_error(probs, y_val),
-        )
+        model.metrics.update(_held_out_metrics("val", val_logits, y_val, model.temperature))
+    elif loo_logits is not None:
+        # Each item's output from the model trained without it: an honest held-out set
+        # of size N, at no extra training.
+        loo = loo_logits.cpu().double()
+        model.temperature = fit_temperature(loo, y_fit)
+        model.metrics.update(_held_out_metrics("loo", loo, y_fit, model.temperature))
     if config.method != Method.LQF:  # LQF has them from the solve, without the prefix
         train_logits = classifier.logits(x_fit.to(device))
     model.metrics["train_accuracy"] = accuracy(train_logits.cpu(), y_fit)

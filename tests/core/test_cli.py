@@ -34,7 +34,7 @@ def test_train_then_predict_json(tmp_path, capsys):
         ("one_class", [], "at least 2 classes"),
         ("unreadable", [], "not a readable image"),
         ("ok", ["--backbone", "vgg99"], "unknown backbone 'vgg99'"),
-        ("ok", ["--weight-decay", "-1"], "weight_decay must be positive"),
+        ("ok", ["--weight-decay", "-1"], "weight_decay must be null (the solver's default) or"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, setup, extra, message):
