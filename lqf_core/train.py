@@ -222,11 +222,11 @@ def train_model(
     device = resolve_device(config.device)
     if backbone is None:
         backbone = load_backbone(config.backbone, weights_dir)
+    if config.weight_decay is None:
+        config = config.replace(weight_decay=config.ridge)
     if config.suffix_blocks is None:
         config = config.replace(suffix_blocks=backbone.default_suffix_blocks)
     assert config.suffix_blocks is not None
-    if config.weight_decay is None:
-        config = config.replace(weight_decay=config.ridge)
     if config.method == Method.LQF and config.suffix_blocks > backbone.num_feature_blocks:
         raise InvalidConfigError(
             f"suffix_blocks={config.suffix_blocks} but {backbone.name} has "
