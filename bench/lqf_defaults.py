@@ -65,6 +65,13 @@ CANDIDATE_SETS: dict[str, dict[str, dict]] = {
         "kfac mu=100": {"regularizer": "kfac", "metric_strength": 100.0, "tol": 1e-4,
                         "max_iters": 500},
     },
+    # The exact optimum (solver "exact", its default weight decay) against the early stop,
+    # and the early stop as a user's job runs it (a fifth held out for the temperature).
+    "solver": {
+        "defaults": {},
+        "val_fraction=0.2 (a user's job)": {"val_fraction": 0.2},
+        "solver=exact": {"solver": "exact"},
+    },
 }
 
 
