@@ -10,13 +10,18 @@ import torch
 from lqf_core.config import Method, TrainConfig
 
 
+LOO_OUTPUTS = "loo.outputs"
+
+
 @dataclass
 class TrainedModel:
     """What a training run learned, independent of how it is stored or served.
 
     tensors: the learned state (float32, CPU); its keys depend on the method:
       lqf          -- "head.weight", "head.bias" (ridge initialisation, part of w0) and
-                      "delta.<param name>" for every linearized parameter (delta_w)
+                      "delta.<param name>" for every linearized parameter (delta_w);
+                      solver "exact" adds LOO_OUTPUTS, each training item's output
+                      from the model trained without it (N, C), in training order
       linear_probe -- "head.weight", "head.bias"
       finetune     -- "net.<name>" for every parameter/buffer of backbone blocks + head
     temperature: softmax temperature fitted on the validation split (1.0 if none).

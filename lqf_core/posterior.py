@@ -41,7 +41,7 @@ from lqf_core.lqf import (
     fit_lqf_head,
     regularize,
 )
-from lqf_core.model import TrainedModel
+from lqf_core.model import LOO_OUTPUTS, TrainedModel
 from lqf_core.solve import conjugate_gradient
 
 
@@ -278,9 +278,20 @@ class LQFPosterior:
             loo = -(q * loo_res).sum(1) / self.n
         return Influence(output_class, first, loo)
 
+    @property
+    def stored_loo_outputs(self) -> torch.Tensor | None:
+        """The exact solver's leave-one-out outputs, stored with the model (N, C)."""
+        stored = self.model.tensors.get(LOO_OUTPUTS)
+        if stored is None or stored.shape != self.problem.targets.shape:
+            return None
+        return stored.to(self.problem.targets)
+
     def loo_residuals(self, exact: bool = True) -> torch.Tensor:
         """(I - L_ii)^-1 e_i: each training item's residual under the model trained
-        without it, (N, C)."""
+        without it, (N, C). A model of the exact solver stores them, exact."""
+        stored = self.stored_loo_outputs
+        if stored is not None:
+            return self.problem.targets - stored
         lev = self.leverages(exact)
         eye = torch.eye(self.num_classes, dtype=lev.dtype, device=lev.device)
         return torch.linalg.solve(eye - lev, self.residuals.unsqueeze(-1)).squeeze(-1)

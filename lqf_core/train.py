@@ -30,7 +30,7 @@ from lqf_core.device import resolve_device
 from lqf_core.errors import InvalidConfigError, InvalidDataError, TrainingCancelled
 from lqf_core.linearize import batches
 from lqf_core.lqf import PrefixCache, fit_lqf
-from lqf_core.model import TrainedModel
+from lqf_core.model import LOO_OUTPUTS, TrainedModel
 from lqf_core.probe import fit_logistic, fit_ridge
 
 
@@ -183,7 +183,10 @@ def _train_lqf(backbone: Backbone, z: torch.Tensor, y: torch.Tensor, num_classes
                   should_stop=report.check_cancel_flag, warm_start=warm_start)
     outputs = fit.setup.problem.outputs(fit.delta)
     info = {**fit.info, "train_loss": fit.setup.problem.loss(fit.delta, outputs)}
-    return fit.setup.tensors(fit.delta), info, outputs.detach(), fit.loo_outputs
+    tensors = fit.setup.tensors(fit.delta)
+    if fit.loo_outputs is not None:
+        tensors[LOO_OUTPUTS] = fit.loo_outputs.detach().cpu()
+    return tensors, info, outputs.detach(), fit.loo_outputs
 
 
 def train_model(

@@ -88,7 +88,8 @@ async def self_influence(
     without them. `crossfit` (default) refits the model without each fifth of the items:
     the first request starts that job and answers 202 with it; once it has succeeded the
     ranking is served from storage. `leverage` answers at once from the closed-form
-    leave-one-out residual, which is weak when the model fits every training label."""
+    leave-one-out residual, which is weak when the model fits every training label; for a
+    model trained with solver "exact" it is the exact one, stored with the model."""
     record = await run_in_threadpool(get_record, store, tenant, model_id)
     require_lqf(record, "self-influence")
     model_id, model_version = record["id"], record["model_version"]
@@ -98,7 +99,7 @@ async def self_influence(
         entry = await posteriors.get(store, record, request.app.state.predictors, deadline)
         items, total = await posteriors.run(deadline, entry.self_influence, limit, deadline)
         return SelfInfluenceResponse(model_id=model_id, model_version=model_version,
-                                     method=method, solver=entry.solver,
+                                     method=method, solver=entry.self_influence_solver,
                                      total=total, items=items)
     stored = await run_in_threadpool(_stored_self_influence, store, model_id)
     if stored is not None:

@@ -13,6 +13,7 @@ class Variant(StrEnum):
 class Solver(StrEnum):
     CG = "cg"
     KFAC = "kfac"
+    EXACT = "exact"  # from the exact solver's stored leave-one-out outputs
 
 
 MAX_TOP_K = 100

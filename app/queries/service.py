@@ -120,6 +120,11 @@ class PosteriorEntry:
                   "predicted_label": self.class_names[int(loo_labels[i])]} for i in order]
         return items, len(scores)
 
+    @property
+    def self_influence_solver(self) -> str:
+        """"exact" where the model stores its exact leave-one-out outputs."""
+        return "exact" if self.posterior.stored_loo_outputs is not None else self.solver
+
     def _item(self, i: int, score: float) -> dict[str, Any]:
         item_id = self.item_ids[i]
         return {"item_id": item_id, "label": self.labels[i], "score": score,

@@ -17,6 +17,8 @@ from lqf_core.exact import DualFactor
 from lqf_core.gram import LayerSignals, _add_by_positions, _add_by_rows, gram_matrix, layer_signals
 from lqf_core.linearize import LinearizedNet
 from lqf_core.lqf import fit_lqf
+from lqf_core.model import LOO_OUTPUTS
+from lqf_core.posterior import LQFPosterior
 from lqf_core.train import train_model
 
 from .factories import tiny_inputs, tiny_suffix_net
@@ -135,6 +137,21 @@ def test_a_job_with_the_exact_solver_trains_on_every_item(backbone, data):
     assert {"loo_accuracy", "loo_nll", "loo_ece"} <= set(model.metrics)
     assert model.temperature > 0
     assert model.info["solver_converged"]
+
+
+def test_the_posterior_of_an_exact_model_serves_its_stored_leave_one_out(backbone, data):
+    x, labels, _ = data
+    model = train_model(x, labels.tolist(), ["a", "b", "c"], CONFIG, backbone=backbone,
+                        item_ids=[str(i) for i in range(len(labels))])
+    with torch.no_grad():
+        z = backbone.split(CONFIG.suffix)[0](x)
+    post = LQFPosterior(model, backbone, z, labels)
+    stored = model.tensors[LOO_OUTPUTS]
+    assert stored.shape == (len(labels), 3)
+    assert torch.allclose(post.loo_residuals(), post.problem.targets - stored)
+    scores, loo_labels = post.self_influence()
+    assert torch.equal(loo_labels, stored.argmax(1))
+    assert torch.allclose(scores, ((post.problem.targets - stored) ** 2).sum(1) / 4.0)
 
 
 @pytest.mark.parametrize("forgotten", [["3"], ["0", "7", "10"]])

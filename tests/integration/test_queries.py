@@ -98,6 +98,23 @@ def test_self_influence_by_leverage_ranks_flipped_labels_high(alice, noisy):
     assert_ranking(body, noisy, ids)
 
 
+def test_an_exact_model_serves_its_exact_leave_one_out_ranking(alice, noisy):
+    # Before the forget tests, which exclude items of the dataset. solver "exact": the
+    # served model is the optimum, its job stores every item's exact leave-one-out
+    # output, and self-influence by leverage answers from them.
+    job = submit(alice, noisy["dataset"]["id"], method="lqf",
+                 hyperparameters={"image_size": 32, "solver": "exact"})
+    done = wait_job(alice, job["id"], FINAL)
+    assert done["status"] == "succeeded", done
+    model = alice.get(f"/models/{done['model_id']}").json()
+    assert model["metrics"]["loo_accuracy"] > 0 and "val_accuracy" not in model["metrics"]
+    r = alice.get(f"/models/{model['id']}/self-influence",
+                  params={"limit": 6, "method": "leverage"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["solver"] == "exact" and body["total"] == 30
+    assert_ranking(body, noisy, {it["id"]: it["label"] for it in noisy["items"]})
+
 def test_self_influence_by_crossfit_is_a_job_then_a_ranking(alice, bob, noisy):
     model_id = noisy["model"]["id"]
     ids = {it["id"]: it["label"] for it in noisy["items"]}
