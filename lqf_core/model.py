@@ -9,7 +9,6 @@ import torch
 
 from lqf_core.config import Method, TrainConfig
 
-
 LOO_OUTPUTS = "loo.outputs"
 
 

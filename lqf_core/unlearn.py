@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from lqf_core.backbones import Backbone, WeightsDirs
-from lqf_core.config import Method
+from lqf_core.config import Method, Solver
 from lqf_core.data import ImageSource
 from lqf_core.errors import InvalidDataError
 from lqf_core.lqf import PrefixCache
@@ -67,7 +67,9 @@ def forget(
         for item in forgotten:
             prefix_cache.pop(item, None)
     converged = bool(parent.info.get("solver_converged"))
-    warm = parent if parent.method == Method.LQF and converged else None
+    # The exact solver is direct: it has no starting point to reuse.
+    direct = parent.config.solver == Solver.EXACT
+    warm = parent if parent.method == Method.LQF and converged and not direct else None
     model = train_model(
         images, labels, parent.class_names, parent.config,
         progress=progress, should_stop=should_stop, weights_dir=weights_dir,

@@ -159,8 +159,9 @@ def test_forgetting_equals_a_fresh_exact_job(backbone, data, forgotten):
     x, labels, _ = data
     parent = train_model(x, labels.tolist(), ["a", "b", "c"], CONFIG, backbone=backbone,
                          item_ids=[str(i) for i in range(len(labels))])
-    _, difference = forget_versus_fresh(parent, CONFIG, forgotten, backbone, data)
+    child, difference = forget_versus_fresh(parent, CONFIG, forgotten, backbone, data)
     assert difference <= 1e-9
+    assert not child.info["warm_started"]  # a direct solve has no start to reuse
 
 
 def test_the_exact_solver_refuses_other_objectives():
