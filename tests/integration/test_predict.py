@@ -113,5 +113,7 @@ def test_livez_stays_fast_while_predictions_run(service, lqf_model):
     assert len(served) >= 8
     latencies.sort()
     p95 = latencies[int(0.95 * len(latencies))]
-    assert statistics.median(latencies) < 0.05 and p95 < 0.05, (
+    # A /livez queued behind predictions would wait a whole request (hundreds of ms);
+    # p95 has room for a noisy shared 2-core machine (it read 66 ms once in session 8).
+    assert statistics.median(latencies) < 0.05 and p95 < 0.15, (
         f"livez median {statistics.median(latencies):.3f}s p95 {p95:.3f}s")
