@@ -58,3 +58,16 @@ def leave_one_out_changes(post, z_star: torch.Tensor, k: int, retrain) -> torch.
         keep[i] = False
         changes.append(float(post.lin.forward(z_star, retrain(keep))[0, k] - base))
     return torch.tensor(changes, dtype=torch.float64)
+
+
+def colour_shifted_images(seed: int, shifts: dict[int, tuple[int, float]], n: int = 12,
+                          num_test: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x (n, 3, 12, 12), labels (n,), test images): noise plus, for each channel in
+    `shifts`, `sign` added where the label is `cls` -- learnable, not trivially."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 3
+    x = torch.randn(n, 3, 12, 12, generator=generator, dtype=torch.float64)
+    for channel, (cls, sign) in shifts.items():
+        x[:, channel] += sign * (labels == cls).double().view(-1, 1, 1)
+    test = torch.randn(num_test, 3, 12, 12, generator=generator, dtype=torch.float64)
+    return x, labels, test

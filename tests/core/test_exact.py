@@ -21,7 +21,7 @@ from lqf_core.model import LOO_OUTPUTS
 from lqf_core.posterior import LQFPosterior
 from lqf_core.train import train_model
 
-from .factories import tiny_inputs, tiny_suffix_net
+from .factories import colour_shifted_images, tiny_inputs, tiny_suffix_net
 from .test_posterior import forget_versus_fresh
 
 CONFIG = TrainConfig(backbone="tiny_cnn", image_size=16, suffix_blocks=1, weight_decay=0.05,
@@ -30,12 +30,7 @@ CONFIG = TrainConfig(backbone="tiny_cnn", image_size=16, suffix_blocks=1, weight
 
 @pytest.fixture(scope="module")
 def data():
-    generator = torch.Generator().manual_seed(5)
-    labels = torch.arange(12) % 3
-    x = torch.randn(12, 3, 12, 12, generator=generator, dtype=torch.float64)
-    x[:, 1] += (labels == 1).double().view(-1, 1, 1)
-    x[:, 2] -= (labels == 2).double().view(-1, 1, 1)
-    return x, labels, torch.randn(3, 3, 12, 12, generator=generator, dtype=torch.float64)
+    return colour_shifted_images(5, {1: (1, 1.0), 2: (2, -1.0)})
 
 
 def test_gram_matrix_equals_the_dense_jacobian_product():

@@ -16,7 +16,7 @@ from lqf_core.errors import InvalidConfigError
 from lqf_core.posterior import LQFPosterior
 from lqf_core.train import train_model
 
-from .factories import leave_one_out_changes
+from .factories import colour_shifted_images, leave_one_out_changes
 from .test_posterior import forget_versus_fresh
 
 CONFIG = TrainConfig(backbone="tiny_cnn", image_size=16, val_fraction=0.0, suffix_blocks=1,
@@ -26,12 +26,7 @@ CONFIG = TrainConfig(backbone="tiny_cnn", image_size=16, val_fraction=0.0, suffi
 
 @pytest.fixture(scope="module")
 def data():
-    generator = torch.Generator().manual_seed(3)
-    labels = torch.arange(12) % 3
-    x = torch.randn(12, 3, 12, 12, generator=generator, dtype=torch.float64)
-    x[:, 0] += (labels == 0).double().view(-1, 1, 1)
-    x[:, 2] += (labels == 2).double().view(-1, 1, 1)
-    return x, labels, torch.randn(3, 3, 12, 12, generator=generator, dtype=torch.float64)
+    return colour_shifted_images(3, {0: (0, 1.0), 2: (2, 1.0)})
 
 
 @pytest.fixture(scope="module")
