@@ -45,6 +45,9 @@ class Connection:
     pending_annotations: int = 0  # annotation events since the last training job started
     last_job_id: str | None = None
     last_error: str | None = None
+    # The last review sent to Label Studio (mislabel scores, neighbors): version, tasks,
+    # solver, seconds, when, or the error that stopped it
+    last_review: dict[str, Any] | None = None
     updated_at: str | None = None
 
     @classmethod
@@ -59,6 +62,11 @@ class Connection:
             out.pop(secret)
         out["has_access_token"] = self.access_token is not None
         return out
+
+
+def version_label(name: str, version: int) -> str:
+    """How Label Studio sees a version of the connection's name ("digits@v4")."""
+    return f"{name}@v{version}"
 
 
 def secret_key(secret: str) -> str:

@@ -49,6 +49,14 @@ def parse_label_config(label_config: str) -> ChoicesControl:
                                  "<Image>: this backend classifies images")
 
 
+def choices_prediction(label: str, score: float, control: ChoicesControl, version: str
+                       ) -> dict[str, Any]:
+    """One prediction as Label Studio stores it: a `choices` result with its score."""
+    return {"result": [{"from_name": control.from_name, "to_name": control.to_name,
+                        "type": "choices", "value": {"choices": [label]}, "score": score}],
+            "score": score, "model_version": version}
+
+
 def project_id(value: Any) -> int | None:
     """Label Studio names its project "2.1795762303" in /setup and {"id": 2} in webhooks."""
     if isinstance(value, dict):

@@ -4,7 +4,8 @@
 (worker/jobs/), stores what it returns and records the final status. Every way a job
 can end is decided here, once:
   * succeeded -- the result is stored, then the status set; if a cancel (or the sweeper)
-    got there first, the stored result is removed again;
+    got there first, the stored result is removed again; then the kind's best-effort
+    `after_success` step, if any;
   * failed -- a `JobFailure` or `LQFError` (deterministic: bad data, missing weights),
     a crash, a result that could not be stored, or a worker shutdown;
   * cancelled -- the user asked, and the job stopped at its next poll;
@@ -150,6 +151,9 @@ class Outcome:
 
     metrics: dict[str, float]
     store: Callable[[ArtifactStore], tuple[dict[str, str], Undo]]
+    # Run once the job has succeeded, with the fields `store` returned: work that needs
+    # the stored result (e.g. its version) and must not fail the job; errors are logged.
+    after_success: Callable[[dict[str, str]], None] | None = None
 
 
 @dataclass
@@ -230,6 +234,11 @@ def _execute(jobs: JobStore, job: dict[str, Any], settings: WorkerSettings, leas
         progress={**((jobs.get(job_id) or {}).get("progress") or {}), "fraction": 1.0},
     )
     if done:
+        if outcome.after_success is not None:
+            try:
+                outcome.after_success(result)
+            except Exception:
+                log.exception("after-success step failed", extra={"job_id": job_id})
         return JobStatus.SUCCEEDED.value
     # Cancelled (or failed by the sweeper) while we were finishing: the user said stop.
     undo()

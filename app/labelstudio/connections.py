@@ -38,7 +38,7 @@ from app.labelstudio.protocol import json_body, predict_tasks
 from app.pagination import Limit, Offset, Page, page
 from lqf_core.config import Method
 from state.artifacts import ArtifactStore
-from state.connections import Connection, ConnectionStore
+from state.connections import Connection, ConnectionStore, version_label
 from state.jobstore import JobKind, JobStatus, JobStore
 from state.labelstudio import project_id
 from state.records import ModelRecord
@@ -81,6 +81,10 @@ class ConnectionPublic(BaseModel):
     last_job_id: str | None = None
     last_job_status: str | None = None
     last_error: str | None = None
+    last_review: dict[str, Any] | None = Field(
+        default=None, description="the last review sent to Label Studio after a training "
+        "job: model_version, tasks (given mislabeling and neighbors), solver, seconds, "
+        "published_at, or error")
 
 
 class ConnectionCreated(ConnectionPublic):
@@ -160,7 +164,7 @@ def _name(store: ArtifactStore, conn: Connection) -> ModelName | None:
 
 
 def _label(conn: Connection, version: Version) -> str:
-    return f"{conn.name}@v{version.version}"
+    return version_label(conn.name, version.version)
 
 
 def _current(store: ArtifactStore, conn: Connection) -> tuple[ModelRecord, str] | None:

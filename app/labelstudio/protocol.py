@@ -15,6 +15,7 @@ from app.errors import ApiError
 from app.labelstudio import service as ls
 from app.predict import service as predict_service
 from state.artifacts import ArtifactStore
+from state.labelstudio import choices_prediction
 from state.records import ModelRecord
 
 # Images fetched at once from Label Studio for one /predict call.
@@ -52,7 +53,7 @@ async def predict_tasks(request: Request, store: ArtifactStore, settings: Settin
         x = await predict_service.prepare_async(loaded.predictor, images[start:start + step])
         for row in await predict_service.predict(loaded, x, None):
             label, score = ls.choose(row["probabilities"], control)
-            results.append(ls.prediction(label, score, control, version))
+            results.append(choices_prediction(label, score, control, version))
     return results
 
 

@@ -39,11 +39,6 @@ def choose(probabilities: dict[str, float], control: ChoicesControl) -> tuple[st
     return label, probabilities[label]
 
 
-def prediction(label: str, score: float, control: ChoicesControl, version: str
-               ) -> dict[str, Any]:
-    return {"result": [{"from_name": control.from_name, "to_name": control.to_name,
-                        "type": "choices", "value": {"choices": [label]}, "score": score}],
-            "score": score, "model_version": version}
 
 
 def task_image_source(task: Any, control: ChoicesControl, index: int) -> tuple[str, str]:

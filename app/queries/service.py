@@ -34,14 +34,13 @@ from app.errors import ApiError
 from app.models.service import require_lqf
 from app.predict.service import Loaded, PredictorCache
 from app.queries.deadline import Deadline
-from lqf_core.data import open_image
 from lqf_core.errors import Cancelled
 from lqf_core.posterior import LQFPosterior
+from lqf_core.review import prefix_features, training_posterior
 from lqf_core.serving import Predictor
 from state.artifacts import ArtifactStore
 from state.records import ItemsGone, ModelRecord, item_ids_of
 
-PREFIX_BATCH = 64
 DEADLINE_GRACE_S = 1.0
 T = TypeVar("T")
 
@@ -70,13 +69,8 @@ class PosteriorEntry:
         return self.predictor.class_names
 
     def features(self, x: torch.Tensor, deadline: Deadline | None = None) -> torch.Tensor:
-        out = []
-        with torch.no_grad():
-            for i in range(0, len(x), PREFIX_BATCH):
-                if deadline is not None:
-                    deadline.check()
-                out.append(self.prefix(x[i:i + PREFIX_BATCH].to(self.predictor.device)))
-        return torch.cat(out)
+        return prefix_features(self.prefix, x, self.predictor.device,
+                               deadline.passed if deadline is not None else None)
 
     # -- queries (blocking: run in the executor) ----------------------------------------
     def uncertainty(self, x: torch.Tensor, deadline: Deadline) -> list[dict[str, Any]]:
@@ -148,22 +142,15 @@ def build_entry(store: ArtifactStore, record: ModelRecord, predictor: Predictor,
         files, y, labels = store.manifest(dataset_id).resolve(ids, model.class_names, root)
     except ItemsGone as exc:
         raise ApiError(409, f"model {record['id']}: {exc}", "incompatible_model") from None
-    x = torch.stack([predictor.preprocess(open_image(f)) for f in files])
-    deadline.check()
-    prefix = predictor.backbone.split(model.config.suffix)[0].to(predictor.device)
-    prefix.eval()
     exact = len(ids) * model.num_classes <= exact_limit
-    entry = PosteriorEntry(posterior=None,  # type: ignore[arg-type]
-                           prefix=prefix, predictor=predictor, dataset_id=dataset_id,
-                           item_ids=ids, labels=labels, exact=exact)
     # IncompatibleModelError (the data no longer reproduce the model) -> 409.
     # float64 where CG gives exact answers; float32 suffices for K-FAC (and is faster).
-    z = entry.features(x, deadline)
-    entry.posterior = LQFPosterior(model, predictor.backbone, z, torch.tensor(y),
-                                   device=predictor.device,
-                                   dtype=torch.float64 if exact else torch.float32,
-                                   should_stop=deadline.passed)
-    return entry
+    built = training_posterior(predictor, files, y,
+                               dtype=torch.float64 if exact else torch.float32,
+                               should_stop=deadline.passed)
+    return PosteriorEntry(posterior=built.posterior, prefix=built.prefix,
+                          predictor=predictor, dataset_id=dataset_id, item_ids=ids,
+                          labels=labels, exact=exact)
 
 
 class PosteriorCache:

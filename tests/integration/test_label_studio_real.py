@@ -1,8 +1,9 @@
 """The labeling loop against a real Label Studio 1.23.2 (`make label-studio`, its own venv
 in .venv-label-studio): a project of 100 images, connected by name before any model
-exists; 30 annotations start training; Label Studio's predict run stores the new
-version's predictions for every task; its "Start training" makes version 2, and the next
-run refreshes them, with no reconnecting."""
+exists; 30 annotations (one of them wrong) start training; the new version's review
+reaches the annotated tasks (mislabel scores, neighbors) and the predict run it starts
+stores predictions for every other task; "Start training" makes version 2, and its
+predictions follow, with no reconnecting and no click."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ LABEL_STUDIO = Path(os.environ.get("LQF_LABEL_STUDIO_BIN",
                                    ROOT / ".venv-label-studio" / "bin" / "label-studio"))
 TOKEN = "0123456789abcdef0123456789abcdef01234567"
 TASKS, ANNOTATED = 100, 30
+WRONG = 7  # this annotation gives a wrong label
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +119,12 @@ def test_annotations_train_and_label_studio_gets_the_new_version(label_studio, s
 
     tasks = ls.get("/api/tasks", params={"project": pid, "page_size": 1000}).json()["tasks"]
     by_image = {t["data"]["image"]: t["id"] for t in tasks}
-    for label, png in samples[:ANNOTATED]:
+    annotated = {}
+    for index, (label, png) in enumerate(samples[:ANNOTATED]):
         task_id = by_image["data:image/png;base64," + base64.b64encode(png).decode()]
+        if index == WRONG:
+            label = next(c for c in classes if c != label)
+        annotated[task_id] = label
         r = ls.post(f"/api/tasks/{task_id}/annotations", json={
             "result": [{"from_name": "label", "to_name": "image", "type": "choices",
                         "value": {"choices": [label]}}],
@@ -126,19 +132,31 @@ def test_annotations_train_and_label_studio_gets_the_new_version(label_studio, s
         assert r.status_code == 201, r.text
     last_annotation = time.monotonic()
 
-    # Label Studio's annotation webhooks reached the connection: a job, then version 1.
+    # Label Studio's annotation webhooks reached the connection: a job, then version 1,
+    # then its review and predict run, with nothing to click.
     wait_for(lambda: api.get("/names/shapes-ls").status_code == 200, 120, "version 1")
     trained_s = time.monotonic() - last_annotation
+    review = wait_for(lambda: api.get(f"/label-studio/connections/{conn['id']}")
+                      .json()["last_review"], 120, "the review of version 1")
+    refreshed_s = time.monotonic() - last_annotation
+    assert review["error"] is None, review
+    assert review["model_version"] == "shapes-ls@v1" and review["tasks"] == ANNOTATED
 
     def predictions() -> list[dict[str, Any]]:
-        ls.post("/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": pid},
-                json={"selectedItems": {"all": True, "excluded": []}})
         return ls.get("/api/predictions", params={"project": pid}).json()
 
     stored = predictions()
-    refreshed_s = time.monotonic() - last_annotation
     assert Counter(p["model_version"] for p in stored) == {"shapes-ls@v1": TASKS}
     assert ls.get(f"/api/ml/{ml_id}/versions").json()["versions"] == ["shapes-ls@v1"]
+    reviewed = {p["task"]: p for p in stored if p["task"] in annotated}
+    assert len(reviewed) == ANNOTATED
+    for task_id, p in reviewed.items():
+        assert p["neighbors"] and set(p["neighbors"]) <= set(annotated) - {task_id}, p
+    ranking = sorted(reviewed, key=lambda t: -reviewed[t]["mislabeling"])
+    wrong_task = list(annotated)[WRONG]
+    wrong_rank = ranking.index(wrong_task) + 1
+    assert wrong_rank <= 3, [reviewed[t]["mislabeling"] for t in ranking]
+    assert all(p["mislabeling"] == 0.0 for p in stored if p["task"] not in annotated)
     # Better than chance on the 70 tasks nobody labelled (3 classes).
     truth = {by_image["data:image/png;base64," + base64.b64encode(png).decode()]: label
              for label, png in samples[ANNOTATED:]}
@@ -149,12 +167,15 @@ def test_annotations_train_and_label_studio_gets_the_new_version(label_studio, s
     # "Start training" in Label Studio: version 2, and the next run predicts every task
     # again with it (Label Studio keeps the old predictions beside the new).
     assert ls.post(f"/api/ml/{ml_id}/train").status_code == 200
-    wait_for(lambda: len(api.get("/names/shapes-ls").json()["versions"]) == 2, 120,
-             "version 2")
+    wait_for(lambda: (api.get(f"/label-studio/connections/{conn['id']}").json()
+                      ["last_review"] or {}).get("model_version") == "shapes-ls@v2", 120,
+             "the review of version 2")
     assert Counter(p["model_version"] for p in predictions()) == {
         "shapes-ls@v1": TASKS, "shapes-ls@v2": TASKS}
     status = api.get(f"/label-studio/connections/{conn['id']}").json()
     assert status["project"] == pid and status["last_job_status"] == "succeeded"
     assert status["last_error"] is None
-    print(f"\n{ANNOTATED} annotations -> version 1 in {trained_s:.1f} s; predictions of "
-          f"version 1 stored for {TASKS} tasks {refreshed_s:.1f} s after the last annotation")
+    print(f"\n{ANNOTATED} annotations -> version 1 in {trained_s:.1f} s; its review and "
+          f"predictions for {TASKS} tasks stored {refreshed_s:.1f} s after the last annotation"
+          f" ({review['seconds']:.1f} s of review); the wrong label ranks {wrong_rank} of "
+          f"{ANNOTATED} by mislabeling")

@@ -1,5 +1,6 @@
 """`label_studio_train` jobs: a Label Studio project's annotations -> a dataset snapshot
--> a model -> the next version of the connection's model name.
+-> a model -> the next version of the connection's model name -> its review in Label
+Studio (worker.jobs.label_studio_review).
 
 The snapshot is an ordinary dataset of the tenant (so every query on the model works as
 on any other) plus `source.json`: which Label Studio, which project, and for each item
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import shutil
 from pathlib import PurePosixPath
 from typing import Any
@@ -31,6 +33,7 @@ from state.labelstudio import (
     task_image,
 )
 from state.records import DatasetManifest, ManifestItem
+from worker.jobs.label_studio_review import publish_review
 from worker.jobs.train import compute_training
 from worker.lifecycle import JobContext, JobFailure, Outcome, Undo
 
@@ -41,7 +44,12 @@ MAX_TASKS = 20_000
 
 def compute_label_studio_training(job: dict[str, Any], context: JobContext) -> Outcome:
     dataset_id = import_project(_connection(job, context), context)
-    return compute_training({**job, "dataset_id": dataset_id}, context)
+    outcome = compute_training({**job, "dataset_id": dataset_id}, context)
+
+    def review(result: dict[str, str]) -> None:  # the new version's review -> Label Studio
+        publish_review(job, result["model_id"], context.artifacts, context.settings)
+
+    return dataclasses.replace(outcome, after_success=review)
 
 
 def compute_label_studio_import(job: dict[str, Any], context: JobContext) -> Outcome:

@@ -1,0 +1,145 @@
+"""After a `label_studio_train` job: the new version's review of the annotated tasks,
+written into Label Studio, then Label Studio's predict run for the other tasks.
+
+Label Studio keeps only `result`, `score` and `model_version` of what /predict answers,
+so a prediction's `mislabeling` and `neighbors` can only arrive through its own API
+(`POST /api/predictions`, which takes every field). Each annotated task of the snapshot
+(a training item of the new version, or one its job held out) gets one prediction of
+that version:
+* `result` / `score`: the served model's class for it and that class's probability, as
+  /predict would answer;
+* `mislabeling`: its mislabel score (lqf_core.review; exact for solver "exact" models);
+* `neighbors`: the Label Studio task ids of the training items that most support the
+  prediction.
+Label Studio's predict run skips tasks that already hold a prediction of the current
+version, so the run this step then starts (`retrieve_tasks_predictions`) predicts only
+the others, through our /predict, and nothing is stored twice.
+
+Best effort: the version exists whatever happens here; what happened (or the error) is
+kept as the connection's `last_review`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import httpx
+import torch
+
+from lqf_core.config import Method
+from lqf_core.review import image_features, review_items, training_posterior
+from lqf_core.serving import Predictor
+from state.artifacts import ArtifactStore, read_json
+from state.connections import Connection, ConnectionStore, version_label
+from state.ids import utc_now
+from state.labelstudio import LabelStudioFormatError, choices_prediction, parse_label_config
+from state.records import item_ids_of
+from state.registry import Registry
+from worker.config import WorkerSettings
+from worker.lifecycle import SHUTTING_DOWN, job_device
+
+log = logging.getLogger("lqf.worker")
+
+WRITE_TIMEOUT_S = 30.0
+PREDICT_RUN_TIMEOUT_S = 600.0  # Label Studio's predict run is synchronous: ~0.14 s a task
+NEIGHBORS = 5
+NEIGHBORS_FOR = 100  # tasks (highest mislabel scores first) that get neighbors
+
+
+class ReviewError(Exception):
+    pass
+
+
+def publish_review(job: dict[str, Any], model_id: str, artifacts: ArtifactStore,
+                   settings: WorkerSettings) -> None:
+    store = ConnectionStore(artifacts.root)
+    conn = store.by_id(job["tenant"], job["connection_id"])
+    if conn is None:
+        return
+    started = time.monotonic()
+    try:
+        review = _publish(conn, job, model_id, artifacts, settings)
+    except (ReviewError, LabelStudioFormatError) as exc:
+        review = {"model_id": model_id, "error": str(exc)}
+    except httpx.HTTPError as exc:
+        review = {"model_id": model_id, "error": f"could not reach Label Studio at "
+                                                 f"{conn.label_studio_url} ({type(exc).__name__})"}
+    review.update(seconds=round(time.monotonic() - started, 2), published_at=utc_now())
+    log.info("label studio review", extra={"connection": conn.id, **review})
+    with store.updating(conn.key) as c:
+        c.last_review = review
+        if review.get("error"):
+            c.last_error = f"review of {model_id}: {review['error']}"
+
+
+def _publish(conn: Connection, job: dict[str, Any], model_id: str, artifacts: ArtifactStore,
+             settings: WorkerSettings) -> dict[str, Any]:
+    entry = Registry(artifacts.root).get(conn.tenant, conn.name)
+    current = entry.current() if entry is not None and entry.versions else None
+    if current is None or current.model_id != model_id:
+        raise ReviewError(f"{model_id} is not the version {conn.name} serves now; "
+                          "Label Studio predicts with that one")
+    label = version_label(conn.name, current.version)
+    record = artifacts.model_record(model_id)
+    if record is None:
+        raise ReviewError(f"{model_id} was deleted")
+    predictions: list[dict[str, Any]] = []
+    solver = None
+    if record["method"] == Method.LQF.value:
+        predictions, solver = _review_predictions(conn, record["dataset_id"], model_id, label,
+                                                  artifacts, job, settings)
+    headers = {"Authorization": f"Token {conn.access_token}"} if conn.access_token else {}
+    base = (conn.label_studio_url or "").rstrip("/") + "/"
+    with httpx.Client(base_url=base, headers=headers, timeout=WRITE_TIMEOUT_S,
+                      follow_redirects=False) as client:
+        for prediction in predictions:
+            _expect(client.post("api/predictions", json=prediction), "storing a prediction")
+        run = client.post("api/dm/actions", timeout=PREDICT_RUN_TIMEOUT_S,
+                          params={"id": "retrieve_tasks_predictions", "project": conn.project},
+                          json={"selectedItems": {"all": True, "excluded": []}})
+        _expect(run, "its predict run")
+    return {"model_id": model_id, "model_version": label, "tasks": len(predictions),
+            "solver": solver, "error": None}
+
+
+def _review_predictions(conn: Connection, dataset_id: str, model_id: str, label: str,
+                        artifacts: ArtifactStore, job: dict[str, Any],
+                        settings: WorkerSettings) -> tuple[list[dict[str, Any]], str]:
+    control = parse_label_config(conn.label_config or "")
+    source = read_json(artifacts.dataset_dir(dataset_id) / "source.json")
+    task_of = {int(it["item_id"]): it["task_id"] for it in source["items"]}
+    predictor = Predictor.load(artifacts.model_dir(model_id), job_device(job, settings),
+                               settings.weights_dirs())
+    model = predictor.model
+    manifest, root = artifacts.manifest(dataset_id), artifacts.dataset_dir(dataset_id)
+    ids = item_ids_of(model.info, "train_item_ids")
+    held_out_ids = item_ids_of(model.info, "val_item_ids")
+    files, labels, _ = manifest.resolve(ids, model.class_names, root)
+    built = training_posterior(predictor, files, labels, dtype=torch.float32,
+                               should_stop=SHUTTING_DOWN.is_set)
+    held_files, held_labels, _ = manifest.resolve(held_out_ids, model.class_names, root)
+    held_out = (image_features(predictor, built.prefix, held_files, SHUTTING_DOWN.is_set),
+                torch.tensor(held_labels)) if held_out_ids else None
+    reviews, solver = review_items(built.posterior, held_out, top_k=NEIGHBORS,
+                                   neighbors_for=NEIGHBORS_FOR,
+                                   should_stop=SHUTTING_DOWN.is_set)
+    allowed = set(control.choices) or set(model.class_names)
+    out = []
+    for r in reviews:
+        predicted = model.class_names[r.predicted]
+        if predicted not in allowed:
+            continue  # the project cannot show this class; /predict's rule picks another
+        neighbors = None if r.neighbors is None else [task_of[ids[j]] for j in r.neighbors]
+        item_id = held_out_ids[r.index] if r.held_out else ids[r.index]
+        out.append({**choices_prediction(predicted, r.probability, control, label),
+                    "task": task_of[item_id], "project": conn.project,
+                    "mislabeling": r.mislabel_score, "neighbors": neighbors})
+    return out, solver
+
+
+def _expect(response: httpx.Response, what: str) -> None:
+    if response.status_code >= 300:
+        raise ReviewError(f"Label Studio answered {what} with HTTP {response.status_code}: "
+                          f"{response.text[:200]}")
