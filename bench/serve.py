@@ -175,7 +175,7 @@ class Service(LocalService):
 
 
 def train(service: Service, samples: list[tuple[str, bytes]], backbone: str,
-          image_size: int, max_iters: int, timeout: float) -> dict[str, Any]:
+          hyperparameters: dict[str, Any], timeout: float) -> dict[str, Any]:
     """Upload the dataset and run an LQF job through the API -> the model's record."""
     with service.client() as c:
         r = c.post("/datasets", files={"file": ("data.zip", folder_zip(samples),
@@ -183,7 +183,7 @@ def train(service: Service, samples: list[tuple[str, bytes]], backbone: str,
         if r.status_code != 201:
             raise RuntimeError(f"upload failed: {r.status_code} {r.text}")
         body = {"dataset_id": r.json()["id"], "method": "lqf", "backbone": backbone,
-                "hyperparameters": {"image_size": image_size, "max_iters": max_iters},
+                "hyperparameters": hyperparameters,
                 "seed": 0}
         r = c.post("/jobs", json=body)
         if r.status_code != 201:
@@ -522,7 +522,8 @@ def main(argv: list[str] | None = None) -> int:
         service.wait_ready(timeout=120)
         print(f"service at {service.base_url}; training {args.backbone} "
               f"({args.image_size} px) on {len(train_set)} {source} images ...", flush=True)
-        record = train(service, train_set, args.backbone, args.image_size, args.max_iters,
+        record = train(service, train_set, args.backbone,
+                       {"image_size": args.image_size, "max_iters": args.max_iters},
                        args.train_timeout)
         result["model"] = {"id": record["id"], "backbone": args.backbone,
                            "image_size": args.image_size, "max_iters": args.max_iters,

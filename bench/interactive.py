@@ -1,0 +1,147 @@
+"""Are the closed-form queries interactive? Timed over real HTTP on a default job.
+
+    python -m bench.interactive            # 100 shots of Fashion-MNIST (1,000 items)
+    python -m bench.interactive --shots 20 # a quicker look
+
+Starts the service as `make serve` does (app.launcher), uploads the images, trains a
+**default** `lqf` job (no hyperparameters), then times, one request at a time:
+  1. the first `POST /predict` with `uncertainty=true` (1 image): the posterior's build
+     (prefix pass over the training items, the quadratic, K-FAC factors, the OOD
+     reference) happens inside it;
+  2. `POST /predict` of 64 images, without and with `uncertainty=true`;
+  3. `POST /models/{id}/influence` of one image (first order, and exact leave-one-out);
+  4. `GET /models/{id}/self-influence?method=leverage`: the first call computes every
+     training item's leverage; a second call is served from the cache.
+Repeated requests report the median and the maximum. Writes
+`docs/results/interactive.{json,md}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.serve import RESULTS, Service, git_commit, machine, make_data, train
+
+REPEATS = 5
+
+
+def timed(send: Callable[[], httpx.Response]) -> tuple[httpx.Response, float]:
+    started = time.perf_counter()
+    response = send()
+    elapsed = time.perf_counter() - started
+    if response.status_code != 200:
+        raise RuntimeError(f"HTTP {response.status_code}: {response.text[:300]}")
+    return response, elapsed
+
+
+def repeated(send: Callable[[], httpx.Response], repeats: int = REPEATS) -> dict[str, float]:
+    seconds = [timed(send)[1] for _ in range(repeats)]
+    return {"median_s": round(statistics.median(seconds), 3), "max_s": round(max(seconds), 3),
+            "repeats": repeats}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.interactive", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shots", type=int, default=100)
+    parser.add_argument("--train-timeout", type=float, default=1800)
+    parser.add_argument("--out", type=Path, default=RESULTS / "interactive.json")
+    args = parser.parse_args(argv)
+    train_set, test_images, source = make_data(args.shots, 64, seed=0)
+    result: dict[str, Any] = {
+        "command": "python -m bench.interactive" + (
+            f" --shots {args.shots}" if args.shots != 100 else ""),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "git": git_commit(),
+        "machine": machine(), "data": {"source": source, "items": len(train_set)}}
+    with tempfile.TemporaryDirectory(prefix="lqf-interactive-") as tmp:
+        service = Service.under(Path(tmp), {})
+        try:
+            service.start()
+            service.wait_ready(timeout=120)
+            print(f"training a default lqf job on {len(train_set)} {source} images ...",
+                  flush=True)
+            record = train(service, train_set, "mobilenet_v2", {}, args.train_timeout)
+            model_id = record["id"]
+            result["model"] = {"id": model_id, "train_seconds": record["train_seconds"],
+                               "hyperparameters": record.get("hyperparameters")}
+            with service.client(timeout=600) as client:
+                result["timings"] = measure(client, model_id, test_images)
+        finally:
+            service.stop()
+    out: Path = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    text = markdown(result)
+    out.with_suffix(".md").write_text(text)
+    print(text)
+    print(f"wrote {out}")
+    return 0
+
+
+def measure(client: httpx.Client, model_id: str, images: list[bytes]) -> dict[str, Any]:
+    def predict(n: int, uncertainty: bool) -> Callable[[], httpx.Response]:
+        files = [("files", (f"t{i}.png", images[i], "image/png")) for i in range(n)]
+        data = {"model_id": model_id, "uncertainty": str(uncertainty).lower()}
+        return lambda: client.post("/predict", files=files, data=data)
+
+    def influence(variant: str) -> Callable[[], httpx.Response]:
+        files = {"file": ("t.png", images[0], "image/png")}
+        return lambda: client.post(f"/models/{model_id}/influence", files=files,
+                                   data={"top_k": "5", "variant": variant})
+
+    def leverage() -> httpx.Response:
+        return client.get(f"/models/{model_id}/self-influence",
+                          params={"method": "leverage", "limit": 20})
+
+    timings: dict[str, Any] = {}
+    print("first uncertainty request (builds the posterior) ...", flush=True)
+    response, first_s = timed(predict(1, True))
+    timings["first_uncertainty_request_s"] = round(first_s, 2)
+    timings["solver"] = response.json()["predictions"][0]["uncertainty"]["solver"]
+    timings["predict_64"] = repeated(predict(64, False))
+    timings["predict_64_uncertainty"] = repeated(predict(64, True))
+    timings["influence_first_order"] = repeated(influence("first_order"))
+    print("first leverage request (every training item's leverage) ...", flush=True)
+    timings["first_leverage_request_s"] = round(timed(leverage)[1], 2)
+    timings["influence_exact_loo"] = repeated(influence("exact_loo"))
+    timings["leverage_cached"] = repeated(leverage)
+    return timings
+
+
+def markdown(result: dict[str, Any]) -> str:
+    t = result["timings"]
+    rows = [("first `/predict` with uncertainty (posterior build + 1 image)",
+             t["first_uncertainty_request_s"], ""),
+            ("`/predict`, 64 images", t["predict_64"]["median_s"], t["predict_64"]["max_s"]),
+            ("`/predict`, 64 images, uncertainty", t["predict_64_uncertainty"]["median_s"],
+             t["predict_64_uncertainty"]["max_s"]),
+            ("`/influence`, first order", t["influence_first_order"]["median_s"],
+             t["influence_first_order"]["max_s"]),
+            ("first `/self-influence?method=leverage` (all leverages)",
+             t["first_leverage_request_s"], ""),
+            ("`/influence`, exact_loo (leverages cached)", t["influence_exact_loo"]["median_s"],
+             t["influence_exact_loo"]["max_s"]),
+            ("`/self-influence?method=leverage`, cached", t["leverage_cached"]["median_s"],
+             t["leverage_cached"]["max_s"])]
+    lines = [f"# Interactive queries over HTTP\n\n`{result['command']}` — {result['date']}, "
+             f"git {result['git']}, {result['machine']['cpu']} ({result['machine']['nproc']} "
+             f"cores); a default lqf job on {result['data']['items']} "
+             f"{result['data']['source']} images, trained in "
+             f"{result['model']['train_seconds']} s; queries answered with "
+             f"`{t['solver']}`.\n", "| request | median s | max s |", "|---|---|---|"]
+    lines += [f"| {name} | {median} | {worst} |" for name, median, worst in rows]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
