@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             model_id = record["id"]
             result["model"] = {"id": model_id, "train_seconds": record["train_seconds"],
                                "hyperparameters": record.get("hyperparameters")}
-            with service.client(timeout=600) as client:
+            with service.client() as client:
                 result["timings"] = measure(client, model_id, test_images)
         finally:
             service.stop()
