@@ -51,9 +51,12 @@ class Settings(CommonSettings):
     exact_query_limit: int = 0
     posterior_cache_size: int = 2
     query_threads: int = 1
-    # Every closed-form query (its posterior's first build included) answers within this
-    # or gets a 503, and its computation is stopped.
+    # Every closed-form query answers within this or gets a 503, and its computation is
+    # stopped.
     query_timeout_s: float = 30.0
+    # A posterior's build (prefix pass, quadratic, K-FAC factors) outlives the request that
+    # started it, up to this; requests meanwhile get a 503 with Retry-After.
+    posterior_build_timeout_s: float = 900.0
 
     def tenant_keys(self) -> dict[str, str]:
         """key -> tenant, from LQF_API_KEYS."""

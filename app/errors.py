@@ -26,15 +26,17 @@ log = logging.getLogger("lqf.api")
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, detail: str | list[dict[str, object]], code: str = "error"):
+    def __init__(self, status: int, detail: str | list[dict[str, object]], code: str = "error",
+                 headers: dict[str, str] | None = None):
         super().__init__(detail)
-        self.status, self.detail, self.code = status, detail, code
+        self.status, self.detail, self.code, self.headers = status, detail, code, headers
 
 
 # OpenAPI `responses` of a route whose closed-form part runs under LQF_QUERY_TIMEOUT_S.
 QUERY_TIMEOUT_RESPONSE: dict[int | str, dict[str, Any]] = {
-    503: {"description": "the query passed LQF_QUERY_TIMEOUT_S and was stopped "
-                         "(code query_timeout)"}}
+    503: {"description": "the query passed LQF_QUERY_TIMEOUT_S and was stopped (code "
+                         "query_timeout), or the model's posterior is still being built "
+                         "(code posterior_building, with Retry-After)"}}
 
 
 def not_found(kind: str, ident: str) -> ApiError:
@@ -63,14 +65,16 @@ def invalid(exc: ValidationError) -> ApiError:
     return ApiError(422, validation_detail(exc.errors()), "validation_error")
 
 
-def _json(status: int, detail: object, code: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"detail": detail, "code": code})
+def _json(status: int, detail: object, code: str,
+          headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"detail": detail, "code": code},
+                        headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return _json(exc.status, exc.detail, exc.code)
+        return _json(exc.status, exc.detail, exc.code, exc.headers)
 
     @app.exception_handler(LQFError)
     async def _lqf_error(_: Request, exc: LQFError) -> JSONResponse:

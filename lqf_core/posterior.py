@@ -229,12 +229,28 @@ class LQFPosterior:
         var = torch.diagonal(cov, dim1=1, dim2=2).clamp_min(0)
         scaled = mean / torch.sqrt(1 + torch.pi / 8 * var) / self.model.temperature
         probs = torch.softmax(scaled.double(), dim=1)
+        reference = self.reference_trace(exact)
+        ood = torch.diagonal(cov, dim1=1, dim2=2).sum(1) / max(reference, 1e-30)
+        return Uncertainty(mean, cov, probs, ood)
+
+    def reference_trace(self, exact: bool = False) -> float:
+        """The median predictive variance (trace) over up to 32 training items: what
+        ood_score is relative to. Computed once."""
         if self._reference_trace is None:
             sample = self.problem.z[: min(32, self.n)]
             traces = torch.diagonal(self.predictive_covariance(sample, exact), dim1=1, dim2=2)
-            self._reference_trace = float(traces.sum(1).median()) * predictive_covariance_scale
-        ood = torch.diagonal(cov, dim1=1, dim2=2).sum(1) / max(self._reference_trace, 1e-30)
-        return Uncertainty(mean, cov, probs, ood)
+            scale = self.noise_variance() / self.n
+            self._reference_trace = float(traces.sum(1).median()) * scale
+        return self._reference_trace
+
+    def prepare(self, exact: bool = False,
+                should_stop: Callable[[], bool] | None = None) -> None:
+        """Compute now what the first query would: the K-FAC factors (every query's
+        preconditioner or approximation) and, for K-FAC answers, the OOD reference."""
+        with self.interruptible(should_stop):
+            self.curvature()
+            if not exact:
+                self.reference_trace(exact)
 
     # -- influence -------------------------------------------------------------------
     def leverages(self, exact: bool = True) -> torch.Tensor:

@@ -2,24 +2,30 @@
 
 A query needs the model's posterior (lqf_core.posterior.LQFPosterior): the quadratic
 rebuilt from the stored training images. Building it costs a pass of the frozen prefix
-over the training set plus the quadratic's setup, so each is built once per model, in a
-worker thread, cached (small LRU) and shared; concurrent first requests for one model
-build it once (a lock per model id). Queries on one posterior are serialised (its
-leverages and K-FAC factors are computed lazily and cached inside it).
+over the training set, the quadratic's setup and its K-FAC factors, so each is built
+once per model, cached (small LRU) and shared; concurrent first requests for one model
+share one build. Queries on one posterior are serialised (its leverages are computed
+lazily and cached inside it).
 
 Exactness: H^-1 is applied by CG solves (exact to tolerance) when N*C is at most
 LQF_EXACT_QUERY_LIMIT, else by the K-FAC approximation; every answer says which.
 
-Deadlines: every query, its posterior's build included, runs under a `Deadline`
-(LQF_QUERY_TIMEOUT_S). The blocking work polls it and stops (lqf_core's `Cancelled`)
-once it has passed, so a thread is never left computing an answer nobody waits for;
-the client gets a 503 that names the limit.
+Deadlines: every query runs under a `Deadline` (LQF_QUERY_TIMEOUT_S). The blocking
+work polls it and stops (lqf_core's `Cancelled`) once it has passed, so a thread is
+never left computing an answer nobody waits for; the client gets a 503 that names the
+limit. A posterior's build is different: it is what every later query needs, and at
+N = 1,000 on two cores it takes longer than one query's deadline, so it runs as a
+background task of its own, in its own thread, bounded by LQF_POSTERIOR_BUILD_TIMEOUT_S.
+A request that arrives while it runs waits up to its own deadline, then gets a 503
+`posterior_building` with Retry-After; the build goes on, and the next request finds it
+done. A build that fails is forgotten, so the next request tries again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -148,9 +154,17 @@ def build_entry(store: ArtifactStore, record: ModelRecord, predictor: Predictor,
     built = training_posterior(predictor, files, y,
                                dtype=torch.float64 if exact else torch.float32,
                                should_stop=deadline.passed)
+    built.posterior.prepare(exact=exact, should_stop=deadline.passed)
     return PosteriorEntry(posterior=built.posterior, prefix=built.prefix,
                           predictor=predictor, dataset_id=dataset_id, item_ids=ids,
                           labels=labels, exact=exact)
+
+
+@dataclass
+class _Build:
+    task: asyncio.Task[PosteriorEntry]
+    deadline: Deadline
+    started: float = field(default_factory=time.monotonic)
 
 
 class PosteriorCache:
@@ -159,32 +173,67 @@ class PosteriorCache:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.executor = ThreadPoolExecutor(settings.query_threads, thread_name_prefix="query")
+        # Builds get their own thread: a long one does not hold up queries of built models.
+        self.build_executor = ThreadPoolExecutor(1, thread_name_prefix="posterior-build")
         self._entries: AsyncLRU[PosteriorEntry] = AsyncLRU(settings.posterior_cache_size)
+        self._builds: dict[str, _Build] = {}
 
     def deadline(self) -> Deadline:
         return Deadline(self.settings.query_timeout_s)
 
     async def get(self, store: ArtifactStore, record: ModelRecord, predictors: PredictorCache,
                   deadline: Deadline) -> PosteriorEntry:
+        """The model's posterior: cached, or from its build (started if none runs),
+        waited for up to `deadline`; past it a 503 `posterior_building`."""
         require_lqf(record)
+        model_id = record["id"]
+
+        async def built() -> PosteriorEntry:
+            build = self._builds.get(model_id) or self._start_build(store, record, predictors)
+            try:
+                return await asyncio.shield(build.task)
+            finally:
+                if build.task.done() and self._builds.get(model_id) is build:
+                    del self._builds[model_id]  # done: cached, or failed (try again later)
+
+        try:
+            return await asyncio.wait_for(self._entries.get(model_id, built),
+                                          deadline.remaining())
+        except TimeoutError:
+            build = self._builds.get(model_id)
+            running = f" (running for {time.monotonic() - build.started:.0f} s)" if build else ""
+            raise ApiError(503, f"the posterior of model {model_id} is still being built"
+                                f"{running}: a pass over its training items and their K-FAC "
+                                "factors, once per model; retry in a few seconds",
+                           "posterior_building", headers={"Retry-After": "5"}) from None
+
+    def _start_build(self, store: ArtifactStore, record: ModelRecord,
+                     predictors: PredictorCache) -> _Build:
+        limit = Deadline(self.settings.posterior_build_timeout_s)
 
         async def build() -> PosteriorEntry:
             loaded: Loaded = await predictors.get(store, record["id"], record["model_version"])
-            entry: PosteriorEntry = await self.run(
-                deadline, build_entry, store, record, loaded.predictor,
-                self.settings.exact_query_limit, deadline)
-            return entry
+            return await self.run(limit, build_entry, store, record, loaded.predictor,
+                                  self.settings.exact_query_limit, limit,
+                                  executor=self.build_executor,
+                                  limit_name="LQF_POSTERIOR_BUILD_TIMEOUT_S")
 
-        return await self._entries.get(record["id"], build)
+        task = asyncio.get_running_loop().create_task(build())
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # always retrieved
+        self._builds[record["id"]] = entry = _Build(task, limit)
+        return entry
 
-    async def run(self, deadline: Deadline, fn: Callable[..., T], *args: Any) -> T:
+    async def run(self, deadline: Deadline, fn: Callable[..., T], *args: Any,
+                  executor: ThreadPoolExecutor | None = None,
+                  limit_name: str = "LQF_QUERY_TIMEOUT_S") -> T:
         """fn(*args) in the query thread pool, within the deadline -> its result, or a
         503 once the deadline has passed (fn, which polls the deadline, then stops)."""
         def guarded() -> T:
             deadline.check()  # it may have waited in the pool's queue past the deadline
             return fn(*args)
 
-        future = asyncio.get_running_loop().run_in_executor(self.executor, guarded)
+        future = asyncio.get_running_loop().run_in_executor(executor or self.executor,
+                                                            guarded)
         # Retrieved here if nobody waits for it any more (it stopped past the deadline).
         future.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
@@ -193,14 +242,22 @@ class PosteriorCache:
                                           deadline.remaining() + DEADLINE_GRACE_S)
         except (Cancelled, TimeoutError):
             deadline.expire()
-            raise ApiError(503, f"the query did not finish within LQF_QUERY_TIMEOUT_S = "
+            raise ApiError(503, f"the query did not finish within {limit_name} = "
                                 f"{deadline.seconds:g} s and was stopped; ask for fewer "
                                 "images, or see the README on which queries are slow",
                            "query_timeout") from None
 
     def evict(self, model_id: str) -> None:
         self._entries.evict(model_id)
+        build = self._builds.pop(model_id, None)
+        if build is not None:
+            build.deadline.expire()  # a deleted model's build stops at its next poll
 
     async def close(self) -> None:
+        for build in self._builds.values():
+            build.deadline.expire()
+            build.task.cancel()
+        self._builds.clear()
         await self._entries.clear()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.build_executor.shutdown(wait=False, cancel_futures=True)
