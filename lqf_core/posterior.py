@@ -245,12 +245,16 @@ class LQFPosterior:
 
     def prepare(self, exact: bool = False,
                 should_stop: Callable[[], bool] | None = None) -> None:
-        """Compute now what the first query would: the K-FAC factors (every query's
-        preconditioner or approximation) and, for K-FAC answers, the OOD reference."""
+        """Compute now what the first queries would: the K-FAC factors (every query's
+        preconditioner or approximation) and, for K-FAC answers, the OOD reference and
+        the leverages (exact leave-one-out influence, mislabel scores); with CG those
+        cost N*C solves, left to the queries that need them."""
         with self.interruptible(should_stop):
             self.curvature()
             if not exact:
                 self.reference_trace(exact)
+                if self.stored_loo_outputs is None:
+                    self.leverages(exact)
 
     # -- influence -------------------------------------------------------------------
     def leverages(self, exact: bool = True) -> torch.Tensor:

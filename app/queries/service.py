@@ -2,10 +2,10 @@
 
 A query needs the model's posterior (lqf_core.posterior.LQFPosterior): the quadratic
 rebuilt from the stored training images. Building it costs a pass of the frozen prefix
-over the training set, the quadratic's setup and its K-FAC factors, so each is built
-once per model, cached (small LRU) and shared; concurrent first requests for one model
-share one build. Queries on one posterior are serialised (its leverages are computed
-lazily and cached inside it).
+over the training set, the quadratic's setup, its K-FAC factors and (for K-FAC answers)
+leverages, so each is built once per model, cached (small LRU) and shared; concurrent
+first requests for one model share one build. Queries on one posterior are serialised
+(what it computes lazily, e.g. CG leverages, is cached inside it).
 
 Exactness: H^-1 is applied by CG solves (exact to tolerance) when N*C is at most
 LQF_EXACT_QUERY_LIMIT, else by the K-FAC approximation; every answer says which.
