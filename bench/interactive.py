@@ -20,6 +20,7 @@ Repeated requests report the median and the maximum. Writes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import tempfile
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "git": git_commit(),
         "machine": machine(), "data": {"source": source, "items": len(train_set)}}
     with tempfile.TemporaryDirectory(prefix="lqf-interactive-") as tmp:
-        service = Service.under(Path(tmp), {})
+        service = Service.under(Path(tmp), {"LQF_LOG_LEVEL": "INFO"})
         try:
             service.start()
             service.wait_ready(timeout=120)
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                                "hyperparameters": record.get("hyperparameters")}
             with service.client() as client:
                 result["timings"] = measure(client, model_id, test_images)
+            result["timings"]["posterior_build_s"] = logged_build_seconds(Path(tmp) / "api.log")
         finally:
             service.stop()
     out: Path = args.out
@@ -127,9 +129,19 @@ def measure(client: httpx.Client, model_id: str, images: list[bytes]) -> dict[st
     return timings
 
 
+def logged_build_seconds(api_log: Path) -> float | None:
+    """The build's own duration, from the api's "posterior built" log line."""
+    for line in api_log.read_text(errors="replace").splitlines():
+        if "posterior built" in line:
+            with contextlib.suppress(ValueError, KeyError):
+                return float(json.loads(line)["seconds"])
+    return None
+
+
 def markdown(result: dict[str, Any]) -> str:
     t = result["timings"]
-    rows = [("first uncertainty answer (posterior build + 1 image; "
+    rows = [("posterior build (the api's log)", t["posterior_build_s"], ""),
+            ("first uncertainty answer (the build + 1 image; "
              f"{t['posterior_building_503s']} × 503 `posterior_building` before it)",
              t["first_uncertainty_answer_s"], ""),
             ("`/predict`, 64 images", t["predict_64"]["median_s"], t["predict_64"]["max_s"]),

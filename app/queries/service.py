@@ -24,6 +24,7 @@ done. A build that fails is forgotten, so the next request tries again.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -48,6 +49,7 @@ from state.artifacts import ArtifactStore
 from state.records import ItemsGone, ModelRecord, item_ids_of
 
 DEADLINE_GRACE_S = 1.0
+log = logging.getLogger("lqf.api")
 T = TypeVar("T")
 
 
@@ -212,11 +214,16 @@ class PosteriorCache:
         limit = Deadline(self.settings.posterior_build_timeout_s)
 
         async def build() -> PosteriorEntry:
+            started = time.monotonic()
             loaded: Loaded = await predictors.get(store, record["id"], record["model_version"])
-            return await self.run(limit, build_entry, store, record, loaded.predictor,
-                                  self.settings.exact_query_limit, limit,
-                                  executor=self.build_executor,
-                                  limit_name="LQF_POSTERIOR_BUILD_TIMEOUT_S")
+            entry: PosteriorEntry = await self.run(
+                limit, build_entry, store, record, loaded.predictor,
+                self.settings.exact_query_limit, limit, executor=self.build_executor,
+                limit_name="LQF_POSTERIOR_BUILD_TIMEOUT_S")
+            log.info("posterior built", extra={
+                "model_id": record["id"], "items": entry.posterior.n, "solver": entry.solver,
+                "seconds": round(time.monotonic() - started, 2)})
+            return entry
 
         task = asyncio.get_running_loop().create_task(build())
         task.add_done_callback(lambda t: t.cancelled() or t.exception())  # always retrieved
