@@ -51,6 +51,9 @@ def cancel_job(job_id: str, tenant: Tenant, jobs: Jobs) -> JobPublic:
     return JobPublic(**service.cancel(jobs, tenant, job_id))
 
 
+MAX_EVENT_SEQ = 2**53 - 1  # far past any job's events, well inside Redis's 64-bit range
+
+
 @router.get(
     "/{job_id}/events",
     response_model=list[JobEvent],
@@ -59,13 +62,15 @@ def cancel_job(job_id: str, tenant: Tenant, jobs: Jobs) -> JobPublic:
 )
 async def job_events(
     job_id: str, request: Request, tenant: Tenant, jobs: Jobs,
-    after: Annotated[int, Query(ge=-1, description="only events with seq > after")] = -1,
+    after: Annotated[int, Query(ge=-1, le=MAX_EVENT_SEQ,
+                                description="only events with seq > after")] = -1,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> Response:
     await run_in_threadpool(service.get, jobs, tenant, job_id)
     start = after + 1
     if last_event_id and last_event_id.isdigit():
-        start = max(start, int(last_event_id) + 1)
+        # Redis takes 64-bit indexes: a huge header means "past every event", not a 500.
+        start = max(start, min(int(last_event_id), MAX_EVENT_SEQ) + 1)
     if "text/event-stream" not in request.headers.get("accept", ""):
         events = await run_in_threadpool(jobs.events, job_id, start)
         return Response(json.dumps(events), media_type="application/json")
