@@ -39,8 +39,6 @@ def choose(probabilities: dict[str, float], control: ChoicesControl) -> tuple[st
     return label, probabilities[label]
 
 
-
-
 def task_image_source(task: Any, control: ChoicesControl, index: int) -> tuple[str, str]:
     """(task label for errors, the image URL or data URI) of one task."""
     try:

@@ -29,6 +29,7 @@ import httpx
 import torch
 
 from lqf_core.config import Method
+from lqf_core.errors import LQFError
 from lqf_core.review import image_features, review_items, training_posterior
 from lqf_core.serving import Predictor
 from state.artifacts import ArtifactStore, read_json
@@ -61,8 +62,9 @@ def publish_review(job: dict[str, Any], model_id: str, artifacts: ArtifactStore,
     started = time.monotonic()
     try:
         review = _publish(conn, job, model_id, artifacts, settings)
-    except (ReviewError, LabelStudioFormatError) as exc:
-        review = {"model_id": model_id, "error": str(exc)}
+    except (ReviewError, LabelStudioFormatError, LQFError) as exc:
+        # LQFError: e.g. the snapshot no longer reproduces the model, or a shutdown
+        review = {"model_id": model_id, "error": f"{type(exc).__name__}: {exc}"}
     except httpx.HTTPError as exc:
         review = {"model_id": model_id, "error": f"could not reach Label Studio at "
                                                  f"{conn.label_studio_url} ({type(exc).__name__})"}
