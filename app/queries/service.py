@@ -219,7 +219,9 @@ class PosteriorCache:
             entry: PosteriorEntry = await self.run(
                 limit, build_entry, store, record, loaded.predictor,
                 self.settings.exact_query_limit, limit, executor=self.build_executor,
-                limit_name="LQF_POSTERIOR_BUILD_TIMEOUT_S")
+                timeout_message=f"the posterior's build did not finish within "
+                                f"LQF_POSTERIOR_BUILD_TIMEOUT_S = {limit.seconds:g} s and was "
+                                "stopped; raise that limit, or train on fewer items")
             log.info("posterior built", extra={
                 "model_id": record["id"], "items": entry.posterior.n, "solver": entry.solver,
                 "seconds": round(time.monotonic() - started, 2)})
@@ -232,7 +234,7 @@ class PosteriorCache:
 
     async def run(self, deadline: Deadline, fn: Callable[..., T], *args: Any,
                   executor: ThreadPoolExecutor | None = None,
-                  limit_name: str = "LQF_QUERY_TIMEOUT_S") -> T:
+                  timeout_message: str | None = None) -> T:
         """fn(*args) in the query thread pool, within the deadline -> its result, or a
         503 once the deadline has passed (fn, which polls the deadline, then stops)."""
         def guarded() -> T:
@@ -249,10 +251,10 @@ class PosteriorCache:
                                           deadline.remaining() + DEADLINE_GRACE_S)
         except (Cancelled, TimeoutError):
             deadline.expire()
-            raise ApiError(503, f"the query did not finish within {limit_name} = "
-                                f"{deadline.seconds:g} s and was stopped; ask for fewer "
-                                "images, or see the README on which queries are slow",
-                           "query_timeout") from None
+            raise ApiError(503, timeout_message or (
+                f"the query did not finish within LQF_QUERY_TIMEOUT_S = {deadline.seconds:g} "
+                "s and was stopped; ask for fewer images, or see the README on which queries "
+                "are slow"), "query_timeout") from None
 
     def evict(self, model_id: str) -> None:
         self._entries.evict(model_id)
