@@ -279,7 +279,7 @@ def form_via_positions(a_hat: torch.Tensor, d_hat: torch.Tensor,
                        inv: torch.Tensor) -> torch.Tensor:
     """Pairs up output positions first: cheaper when there are few of them."""
     n, c, g, o, p = d_hat.shape
-    k = a_hat.shape[2]
+    k = a_hat.shape[2]  # inputs per group
     products = a_hat.unsqueeze(4) * a_hat.unsqueeze(3)  # (n, g, k, p, q)
     products = products.permute(1, 0, 3, 4, 2).reshape(g, n * p * p, k)
     pairs = torch.bmm(products, inv.transpose(1, 2)).view(g, n, p, p, o)

@@ -76,6 +76,16 @@ def project() -> Iterator[dict[str, Any]]:
     server.server_close()
 
 
+def wait_for_review(client: httpx.Client, conn_id: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        review = client.get(f"/label-studio/connections/{conn_id}").json()["last_review"]
+        if review:
+            return review
+        time.sleep(0.5)
+    raise AssertionError("no review recorded")
+
+
 def setup_body(classes: list[str], hostname: str = LS_URL) -> dict[str, Any]:
     return {"project": "1.1795762303", "schema": label_config(classes), "hostname": hostname,
             "access_token": LABEL_STUDIO_TOKEN, "extra_params": None}
@@ -120,6 +130,10 @@ def test_label_studio_trains_versions_and_refreshes_through_a_connection(
     assert ls.post(f"{url}/webhook", json=event("TASKS_CREATED")).json()["status"] == "ignored"
     done = wait_job(alice, job_id, FINAL)
     assert done["status"] == "succeeded" and done["kind"] == "label_studio_train", done
+    # Its review could not be written (this stand-in answers no POST): the version stands,
+    # and the connection says what went wrong.
+    review = wait_for_review(alice, conn["id"])
+    assert review["model_version"] is None and "HTTP 501" in review["error"], review
     model = alice.get(f"/models/{done['model_id']}").json()
     assert (model["name"], model["version"]) == ("ls-shapes", 1)
     # The snapshot: the 12 annotated tasks only, under neutral names.

@@ -60,14 +60,15 @@ def publish_review(job: dict[str, Any], model_id: str, artifacts: ArtifactStore,
     if conn is None:
         return
     started = time.monotonic()
+    failed = {"model_id": model_id, "model_version": None, "tasks": 0, "solver": None}
     try:
         review = _publish(conn, job, model_id, artifacts, settings)
     except (ReviewError, LabelStudioFormatError, LQFError) as exc:
         # LQFError: e.g. the snapshot no longer reproduces the model, or a shutdown
-        review = {"model_id": model_id, "error": f"{type(exc).__name__}: {exc}"}
+        review = {**failed, "error": f"{type(exc).__name__}: {exc}"}
     except httpx.HTTPError as exc:
-        review = {"model_id": model_id, "error": f"could not reach Label Studio at "
-                                                 f"{conn.label_studio_url} ({type(exc).__name__})"}
+        review = {**failed, "error": f"could not reach Label Studio at "
+                                     f"{conn.label_studio_url} ({type(exc).__name__})"}
     review.update(seconds=round(time.monotonic() - started, 2), published_at=utc_now())
     log.info("label studio review", extra={"connection": conn.id, **review})
     with store.updating(conn.key) as c:
