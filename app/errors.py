@@ -10,7 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lqf_core.errors import (
@@ -32,9 +32,35 @@ class ApiError(Exception):
         self.status, self.detail, self.code, self.headers = status, detail, code, headers
 
 
+class ValidationDetail(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ErrorBody(BaseModel):
+    """Every error's body: what is wrong (a sentence, or pydantic's list for a body that
+    fails validation) and a stable code."""
+
+    detail: str | list[ValidationDetail]
+    code: str
+
+
+# Documented on every route (app.main), so that a client, or a fuzzer checking responses
+# against the schema, knows each status and its body.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": description} for status, description in (
+        (401, "no or an unknown API key"),
+        (404, "not found, or another tenant's"),
+        (409, "conflicts with the current state (e.g. a job still running)"),
+        (413, "the body or an image is over its limit"),
+        (422, "invalid input, named in `detail`"),
+    )}
+
 # OpenAPI `responses` of a route whose closed-form part runs under LQF_QUERY_TIMEOUT_S.
 QUERY_TIMEOUT_RESPONSE: dict[int | str, dict[str, Any]] = {
-    503: {"description": "the query passed LQF_QUERY_TIMEOUT_S and was stopped (code "
+    503: {"model": ErrorBody,
+          "description": "the query passed LQF_QUERY_TIMEOUT_S and was stopped (code "
                          "query_timeout), or the model's posterior is still being built "
                          "(code posterior_building, with Retry-After)"}}
 

@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from app.config import Settings, get_settings
 from app.datasets.router import router as datasets_router
 from app.deps import get_artifacts, get_job_store
-from app.errors import install_error_handlers
+from app.errors import ERROR_RESPONSES, install_error_handlers
 from app.jobs.router import router as jobs_router
 from app.labelstudio.connections import manage as labelstudio_connections
 from app.labelstudio.connections import protocol as labelstudio_protocol
@@ -87,7 +87,7 @@ def create_app() -> FastAPI:
     for router in (predict_router, ops_router, datasets_router, jobs_router, models_router,
                    names_router, queries_router, labelstudio_connections,
                    labelstudio_protocol, labelstudio_router):
-        app.include_router(router)
+        app.include_router(router, responses=ERROR_RESPONSES)
     app.add_middleware(BodySizeLimit, limit=settings.max_upload_bytes)
     app.add_middleware(MetricsMiddleware)
     _register_collector(settings)
