@@ -6,6 +6,8 @@ import torch
 from torch import nn
 
 from lqf_core.activations import LeakyReLU6
+from lqf_core.posterior import LQFPosterior
+from lqf_core.train import train_model
 
 
 def tiny_suffix_net(num_classes: int = 3, seed: int = 0) -> nn.Sequential:
@@ -71,3 +73,13 @@ def colour_shifted_images(seed: int, shifts: dict[int, tuple[int, float]], n: in
         x[:, channel] += sign * (labels == cls).double().view(-1, 1, 1)
     test = torch.randn(num_test, 3, 12, 12, generator=generator, dtype=torch.float64)
     return x, labels, test
+
+
+def trained_with_posterior(backbone, x: torch.Tensor, labels: torch.Tensor, config,
+                           **posterior_options):
+    """(a model trained on x with every item's id, its LQFPosterior on the same items)."""
+    model = train_model(x, labels.tolist(), ["a", "b", "c"], config, backbone=backbone,
+                        item_ids=[str(i) for i in range(len(labels))])
+    with torch.no_grad():
+        z = backbone.split(config.suffix)[0](x)
+    return model, LQFPosterior(model, backbone, z, labels, **posterior_options)

@@ -18,10 +18,13 @@ from lqf_core.gram import LayerSignals, _add_by_positions, _add_by_rows, gram_ma
 from lqf_core.linearize import LinearizedNet
 from lqf_core.lqf import fit_lqf
 from lqf_core.model import LOO_OUTPUTS
-from lqf_core.posterior import LQFPosterior
-from lqf_core.train import train_model
 
-from .factories import colour_shifted_images, tiny_inputs, tiny_suffix_net
+from .factories import (
+    colour_shifted_images,
+    tiny_inputs,
+    tiny_suffix_net,
+    trained_with_posterior,
+)
 from .test_posterior import forget_versus_fresh
 
 CONFIG = TrainConfig(backbone="tiny_cnn", image_size=16, suffix_blocks=1, weight_decay=0.05,
@@ -124,23 +127,25 @@ def test_dual_factor_restores_the_gram_matrix_it_shifts():
         assert torch.allclose(blocks[i], inverse[2 * i:2 * i + 2, 2 * i:2 * i + 2])
 
 
-def test_a_job_with_the_exact_solver_trains_on_every_item(backbone, data):
+@pytest.fixture(scope="module")
+def exact_job(backbone, data):
+    """A training job of the exact solver on `data`, and its posterior."""
     x, labels, _ = data
-    model = train_model(x, labels.tolist(), ["a", "b", "c"], CONFIG, backbone=backbone,
-                        item_ids=[str(i) for i in range(len(labels))])
+    return trained_with_posterior(backbone, x, labels, CONFIG)
+
+
+def test_a_job_with_the_exact_solver_trains_on_every_item(data, exact_job):
+    _, labels, _ = data
+    model, _ = exact_job
     assert model.info["num_val"] == 0 and model.info["num_train"] == len(labels)
     assert {"loo_accuracy", "loo_nll", "loo_ece"} <= set(model.metrics)
     assert model.temperature > 0
     assert model.info["solver_converged"]
 
 
-def test_the_posterior_of_an_exact_model_serves_its_stored_leave_one_out(backbone, data):
-    x, labels, _ = data
-    model = train_model(x, labels.tolist(), ["a", "b", "c"], CONFIG, backbone=backbone,
-                        item_ids=[str(i) for i in range(len(labels))])
-    with torch.no_grad():
-        z = backbone.split(CONFIG.suffix)[0](x)
-    post = LQFPosterior(model, backbone, z, labels)
+def test_the_posterior_of_an_exact_model_serves_its_stored_leave_one_out(data, exact_job):
+    _, labels, _ = data
+    model, post = exact_job
     stored = model.tensors[LOO_OUTPUTS]
     assert stored.shape == (len(labels), 3)
     assert torch.allclose(post.loo_residuals(), post.problem.targets - stored)
@@ -150,10 +155,8 @@ def test_the_posterior_of_an_exact_model_serves_its_stored_leave_one_out(backbon
 
 
 @pytest.mark.parametrize("forgotten", [["3"], ["0", "7", "10"]])
-def test_forgetting_equals_a_fresh_exact_job(backbone, data, forgotten):
-    x, labels, _ = data
-    parent = train_model(x, labels.tolist(), ["a", "b", "c"], CONFIG, backbone=backbone,
-                         item_ids=[str(i) for i in range(len(labels))])
+def test_forgetting_equals_a_fresh_exact_job(backbone, data, exact_job, forgotten):
+    parent, _ = exact_job
     child, difference = forget_versus_fresh(parent, CONFIG, forgotten, backbone, data)
     assert difference <= 1e-9
     assert not child.info["warm_started"]  # a direct solve has no start to reuse

@@ -14,9 +14,8 @@ import torch
 from lqf_core.config import Regularizer, TrainConfig
 from lqf_core.errors import InvalidConfigError
 from lqf_core.posterior import LQFPosterior
-from lqf_core.train import train_model
 
-from .factories import colour_shifted_images, leave_one_out_changes
+from .factories import colour_shifted_images, leave_one_out_changes, trained_with_posterior
 from .test_posterior import forget_versus_fresh
 
 CONFIG = TrainConfig(backbone="tiny_cnn", image_size=16, val_fraction=0.0, suffix_blocks=1,
@@ -32,12 +31,7 @@ def data():
 @pytest.fixture(scope="module")
 def fitted(backbone, data):
     x, labels, _ = data
-    model = train_model(x, labels.tolist(), ["a", "b", "c"], CONFIG, backbone=backbone,
-                        item_ids=[str(i) for i in range(len(labels))])
-    with torch.no_grad():
-        z = backbone.split(CONFIG.suffix)[0](x)
-    post = LQFPosterior(model, backbone, z, labels, tol=1e-11, max_iters=500)
-    return model, post
+    return trained_with_posterior(backbone, x, labels, CONFIG, tol=1e-11, max_iters=500)
 
 
 def dual_solve(post: LQFPosterior, keep: torch.Tensor, mu: float) -> torch.Tensor:

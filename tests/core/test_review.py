@@ -11,7 +11,7 @@ from lqf_core.posterior import LQFPosterior
 from lqf_core.review import review_items
 from lqf_core.train import train_model
 
-from .factories import colour_shifted_images
+from .factories import colour_shifted_images, trained_with_posterior
 from .test_exact import CONFIG, dense_dual_optimum
 
 FLIPPED = 4  # a class-1 item labelled class 2
@@ -24,11 +24,8 @@ def flipped(backbone):
     assert int(labels[FLIPPED]) == 1
     labels = labels.clone()
     labels[FLIPPED] = 2
-    model = train_model(x, labels.tolist(), ["a", "b", "c"], CONFIG, backbone=backbone,
-                        item_ids=[str(i) for i in range(len(labels))])
-    with torch.no_grad():
-        z = backbone.split(CONFIG.suffix)[0](x)
-    return LQFPosterior(model, backbone, z, labels), z, labels
+    _, post = trained_with_posterior(backbone, x, labels, CONFIG)
+    return post, post.problem.z, labels
 
 
 def test_mislabel_scores_are_the_leave_one_out_surprise_of_retraining(flipped):
