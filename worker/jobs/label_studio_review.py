@@ -47,6 +47,9 @@ WRITE_TIMEOUT_S = 30.0
 PREDICT_RUN_TIMEOUT_S = 600.0  # Label Studio's predict run is synchronous: ~0.14 s a task
 NEIGHBORS = 5
 NEIGHBORS_FOR = 100  # tasks (highest mislabel scores first) that get neighbors
+# The review's computation (posterior, scores, neighbors) stops past this: the worker has
+# other jobs (about 3 minutes at 1,000 items of MobileNetV2 on two cores).
+REVIEW_TIMEOUT_S = 900.0
 
 
 class ReviewError(Exception):
@@ -64,7 +67,8 @@ def publish_review(job: dict[str, Any], model_id: str, artifacts: ArtifactStore,
     try:
         review = _publish(conn, job, model_id, artifacts, settings)
     except (ReviewError, LabelStudioFormatError, LQFError) as exc:
-        # LQFError: e.g. the snapshot no longer reproduces the model, or a shutdown
+        # LQFError: e.g. the snapshot no longer reproduces the model, a shutdown, or
+        # REVIEW_TIMEOUT_S (Cancelled)
         review = {**failed, "error": f"{type(exc).__name__}: {exc}"}
     except httpx.HTTPError as exc:
         review = {**failed, "error": f"could not reach Label Studio at "
@@ -115,19 +119,23 @@ def _review_predictions(conn: Connection, dataset_id: str, model_id: str, label:
     task_of = {int(it["item_id"]): it["task_id"] for it in source["items"]}
     predictor = Predictor.load(artifacts.model_dir(model_id), job_device(job, settings),
                                settings.weights_dirs())
+    deadline = time.monotonic() + REVIEW_TIMEOUT_S
+
+    def should_stop() -> bool:
+        return SHUTTING_DOWN.is_set() or time.monotonic() > deadline
+
     model = predictor.model
     manifest, root = artifacts.manifest(dataset_id), artifacts.dataset_dir(dataset_id)
     ids = item_ids_of(model.info, "train_item_ids")
     held_out_ids = item_ids_of(model.info, "val_item_ids")
     files, labels, _ = manifest.resolve(ids, model.class_names, root)
     built = training_posterior(predictor, files, labels, dtype=torch.float32,
-                               should_stop=SHUTTING_DOWN.is_set)
+                               should_stop=should_stop)
     held_files, held_labels, _ = manifest.resolve(held_out_ids, model.class_names, root)
-    held_out = (image_features(predictor, built.prefix, held_files, SHUTTING_DOWN.is_set),
+    held_out = (image_features(predictor, built.prefix, held_files, should_stop),
                 torch.tensor(held_labels)) if held_out_ids else None
     reviews, solver = review_items(built.posterior, held_out, top_k=NEIGHBORS,
-                                   neighbors_for=NEIGHBORS_FOR,
-                                   should_stop=SHUTTING_DOWN.is_set)
+                                   neighbors_for=NEIGHBORS_FOR, should_stop=should_stop)
     allowed = set(control.choices) or set(model.class_names)
     out = []
     for r in reviews:
