@@ -45,6 +45,12 @@ from lqf_core.model import LOO_OUTPUTS, TrainedModel
 from lqf_core.solve import conjugate_gradient
 
 
+def noise_variance(residuals: torch.Tensor, kappa: float) -> float:
+    """sigma^2 of the Gaussian likelihood: the mean squared training residual per output,
+    floored so that a model that interpolates keeps some uncertainty."""
+    return max(float((residuals**2).mean()), 1e-3 * kappa**2)
+
+
 @dataclass(frozen=True)
 class Influence:
     """Scores of every training item (N,) on one test output."""
@@ -210,10 +216,7 @@ class LQFPosterior:
         return torch.stack(out)
 
     def noise_variance(self) -> float:
-        """sigma^2 of the Gaussian likelihood: the mean squared training residual per
-        output, floored so that a model that interpolates keeps some uncertainty."""
-        mean_sq = float((self.residuals**2).mean())
-        return max(mean_sq, 1e-3 * self.model.config.kappa**2)
+        return noise_variance(self.residuals, self.model.config.kappa)
 
     def uncertainty(self, z: torch.Tensor, exact: bool = False) -> Uncertainty:
         """Posterior predictive of test inputs z (m, ...).

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
@@ -51,13 +53,19 @@ async def predict(request: Request, tenant: Tenant, store: Artifacts,
         require_lqf(record, "uncertainty")
     loaded = await request.app.state.predictors.get(store, model_id, record["model_version"])
     x = await service.prepare_async(loaded.predictor, images)
-    predictions = await service.predict(loaded, x, options.top_k)
     if options.uncertainty:
         posteriors = request.app.state.posteriors
+        # Before predicting: a posterior still being built answers 503 at once.
         entry = await posteriors.get(store, record, request.app.state.predictors, deadline)
-        extras = await posteriors.run(deadline, entry.uncertainty, x, deadline)
+        # Side by side: the prediction runs in an inference process, the posterior's
+        # covariances in a query thread, so the answer costs the longer of the two.
+        predictions, extras = await asyncio.gather(
+            service.predict(loaded, x, options.top_k),
+            posteriors.run(deadline, entry.uncertainty, x, deadline))
         for prediction, extra in zip(predictions, extras, strict=True):
             prediction["uncertainty"] = extra
+    else:
+        predictions = await service.predict(loaded, x, options.top_k)
     metrics.PREDICTED_IMAGES.inc(len(images))
     # Built in the PredictResponse shape from plain str/float values: returning it as is
     # skips two pydantic passes (construction and response_model) on the hot path.
