@@ -22,6 +22,10 @@ from app.queries.schemas import (
     InfluenceOptions,
     InfluenceRequest,
     InfluenceResponse,
+    RankedImage,
+    RankOptions,
+    RankRequest,
+    RankResponse,
     SelfInfluenceMethod,
     SelfInfluenceResponse,
     Variant,
@@ -70,6 +74,49 @@ async def influence(model_id: str, request: Request, tenant: Tenant,
                                options.variant == Variant.EXACT_LOO, deadline)
     return InfluenceResponse(model_id=record["id"], model_version=record["model_version"],
                              variant=options.variant, solver=entry.solver, **out)
+
+
+RANK_BODY = ImageBodySpec(RankOptions, RankRequest, json_field="images", upload_field="files")
+
+_RANK_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": {
+                "type": "object", "required": ["files"],
+                "properties": {
+                    "batch_size": {"type": "integer", "minimum": 1, "maximum": 1000,
+                                   "default": 10},
+                    "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                }}},
+            "application/json": {"schema": RankRequest.model_json_schema()},
+        },
+    }
+}
+
+
+@router.post("/{model_id}/rank", response_model=RankResponse, responses=QUERY_TIMEOUT_RESPONSE,
+             openapi_extra=_RANK_OPENAPI)
+async def rank(model_id: str, request: Request, tenant: Tenant, store: Artifacts,
+               settings: SettingsDep) -> RankResponse:
+    """Which of these unlabeled images to label next, in order: each pick maximises the
+    probability that the model has its two best classes in the wrong order, under the
+    posterior conditioned on the labels of the earlier picks (lqf_core.active; docs/
+    method.md). Up to LQF_MAX_PREDICT_IMAGES images per request."""
+    posteriors = request.app.state.posteriors
+    deadline = posteriors.deadline()
+    record = await run_in_threadpool(get_record, store, tenant, model_id)  # 404 first
+    require_lqf(record, "ranking")
+    body = await parse_image_body(request, RANK_BODY, max_images=settings.max_predict_images)
+    entry = await posteriors.get(store, record, request.app.state.predictors, deadline)
+    x: torch.Tensor = await run_in_threadpool(prepare, entry.predictor, body.images)
+    ranking = await posteriors.run(deadline, entry.rank, x, body.options.batch_size, deadline)
+    names = [name for name, _ in body.images]
+    return RankResponse(
+        model_id=record["id"], model_version=record["model_version"],
+        strategy=ranking.strategy, pool_size=len(names),
+        batch=[RankedImage(index=i, name=names[i], score=score)
+               for i, score in zip(ranking.order, ranking.scores, strict=True)])
 
 
 @router.get(

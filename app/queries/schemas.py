@@ -86,3 +86,35 @@ class ForgetRequest(BaseModel):
 
     item_ids: list[int] = Field(min_length=1, max_length=20_000,
                                 description="dataset item ids to forget")
+
+
+class RankOptions(BaseModel):
+    """The fields of a rank request in either encoding (app.bodies)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: int = Field(default=10, ge=1, le=1000,
+                            description="how many images to label next")
+
+
+class RankRequest(RankOptions):
+    """The JSON encoding: the pool as base64 strings."""
+
+    images: list[str] = Field(min_length=1, description="base64-encoded image files")
+
+
+class RankedImage(BaseModel):
+    index: int = Field(description="position of the image in the request")
+    name: str = Field(description="its file name (multipart) or images[i] (JSON)")
+    score: float = Field(description="probability that the model has its two best classes "
+                                     "in the wrong order, given the earlier picks' labels")
+
+
+class RankResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    model_id: str
+    model_version: str
+    strategy: str
+    pool_size: int
+    batch: list[RankedImage] = Field(description="the images to label next, first first")

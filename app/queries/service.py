@@ -41,6 +41,7 @@ from app.errors import ApiError
 from app.models.service import require_lqf
 from app.predict.service import Loaded, PredictorCache
 from app.queries.deadline import Deadline
+from lqf_core.active import HeadPosterior, Ranking, lqf_signals, select_batch
 from lqf_core.errors import Cancelled
 from lqf_core.posterior import LQFPosterior
 from lqf_core.review import prefix_features, training_posterior
@@ -67,6 +68,7 @@ class PosteriorEntry:
     labels: list[str]  # given label of each training item
     exact: bool
     lock: threading.Lock = field(default_factory=threading.Lock)
+    _head: HeadPosterior | None = None  # for ranking: computed on first use
 
     @property
     def solver(self) -> str:
@@ -112,6 +114,18 @@ class PosteriorEntry:
         return {"output_class": self.class_names[inf.output_class],
                 "proponents": [self._item(i, float(scores[i])) for i in proponents],
                 "opponents": [self._item(i, float(scores[i])) for i in opponents]}
+
+    def rank(self, x: torch.Tensor, batch_size: int, deadline: Deadline) -> Ranking:
+        """The images of x to label next (lqf_core.active.select_batch)."""
+        model, backbone = self.posterior.model, self.predictor.backbone
+        with self.lock:
+            if self._head is None:
+                z = self.posterior.problem.z
+                train = lqf_signals(model, backbone, z, should_stop=deadline.passed)
+                self._head = HeadPosterior.of(model, train, self.posterior.labels)
+            z_pool = self.features(x, deadline).to(self.posterior.problem.z)
+            pool = lqf_signals(model, backbone, z_pool, should_stop=deadline.passed)
+            return select_batch(self._head, pool, batch_size, should_stop=deadline.passed)
 
     def self_influence(self, limit: int, deadline: Deadline) -> tuple[list[dict[str, Any]], int]:
         with self.lock, self.posterior.interruptible(deadline.passed):

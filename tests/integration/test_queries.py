@@ -158,6 +158,29 @@ def test_predict_with_uncertainty(alice, noisy):
     assert r.status_code == 200 and "uncertainty" not in r.json()["predictions"][0]
 
 
+def test_rank_orders_a_pool_of_unlabeled_images(alice, noisy):
+    model_id = noisy["model"]["id"]
+    pool = [png(s) for s in range(200, 208)]
+    r = alice.post(f"/models/{model_id}/rank", data={"batch_size": "3"},
+                   files=[("files", (f"pool-{i}.png", d, "image/png"))
+                          for i, d in enumerate(pool)])
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model_id"] == model_id and body["model_version"] == noisy["model"][
+        "model_version"]
+    assert body["strategy"] == "posterior" and body["pool_size"] == 8
+    batch = body["batch"]
+    assert len(batch) == 3 and len({b["index"] for b in batch}) == 3
+    assert all(b["name"] == f"pool-{b['index']}.png" and 0 <= b["score"] <= 1 for b in batch)
+    r = alice.post(f"/models/{model_id}/rank",
+                   json={"batch_size": 3, "images": [base64.b64encode(d).decode() for d in pool]})
+    assert r.status_code == 200, r.text
+    assert [b["index"] for b in r.json()["batch"]] == [b["index"] for b in batch]
+    r = alice.post(f"/models/{model_id}/rank",
+                   json={"batch_size": 50, "images": [base64.b64encode(pool[0]).decode()]})
+    assert r.status_code == 200 and [b["index"] for b in r.json()["batch"]] == [0]
+
+
 def test_query_errors(alice, bob, noisy, service):
     model_id = noisy["model"]["id"]
     img = base64.b64encode(png(5)).decode()
@@ -187,6 +210,11 @@ def test_query_errors(alice, bob, noisy, service):
         (alice.post, f"/models/{model_id}/forget", {"json": {"item_ids": [0, 99999]}}, 422),
         (alice.post, "/predict", {"json": {"model_id": model_id, "images": [img],
                                            "uncertainty": "maybe"}}, 422),
+        (alice.post, f"/models/{model_id}/rank", {"json": {"images": [img], "batch_size": 0}},
+         422),
+        (alice.post, f"/models/{model_id}/rank", {"json": {"images": []}}, 422),
+        (alice.post, f"/models/{model_id}/rank", {"json": {"images": [img] * 65}}, 413),
+        (bob.post, f"/models/{model_id}/rank", {"json": {"images": [img]}}, 404),
     ]
     for call, path, kwargs, status in cases:
         r = call(path, **kwargs)
@@ -206,6 +234,8 @@ def test_queries_refuse_other_methods(alice, shapes_dataset):
     assert r.status_code == 422 and r.json()["code"] == "not_lqf"
     r = alice.post("/predict", json={"model_id": model_id, "images": [img],
                                      "uncertainty": True})
+    assert r.status_code == 422 and r.json()["code"] == "not_lqf"
+    r = alice.post(f"/models/{model_id}/rank", json={"images": [img]})
     assert r.status_code == 422 and r.json()["code"] == "not_lqf"
 
 
