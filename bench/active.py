@@ -1,12 +1,12 @@
 """Active learning on Fashion-MNIST: which images to label next, on one LQF model.
 
-    python -m bench.active                        # 5 seeds, 20 -> 500 labels, +40 a round
+    python -m bench.active                        # 5 seeds, 20 -> 500 labels, +60 a round
     python -m bench.active --seeds 0 --rounds 2   # a quick look
 
 A fixed pool of `--pool` training-split images and `--test` t10k images (the test set
 is only ever scored, never used to choose anything). Each seed starts from 2 random
 labels per class. Every round, for each strategy, an LQF job with the service's
-defaults except `suffix_blocks` (`--suffix-blocks`, 1 by default: 325 trainings must
+defaults except `suffix_blocks` (`--suffix-blocks`, 1 by default: 225 trainings must
 fit in this machine's time; stated in docs/benchmarks.md) is trained on that strategy's
 labels, its test accuracy recorded, and the strategy picks the next `--per-round` images:
   random    uniformly among the unlabeled;
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -255,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.active", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--rounds", type=int, default=12)
-    parser.add_argument("--per-round", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--per-round", type=int, default=60)
     parser.add_argument("--pool", type=int, default=5000)
     parser.add_argument("--test", type=int, default=2000)
     parser.add_argument("--suffix-blocks", type=int, default=1)
@@ -281,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     pool = Pool(backbone, config, args.pool, args.test)
     result: dict[str, Any] = {
-        "command": "python -m bench.active " + " ".join(argv if argv is not None else []),
+        "command": " ".join(["python -m bench.active", *(sys.argv[1:] if argv is None else argv)]),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine_info(),
         "protocol": {"pool": args.pool, "test": args.test, "seeds": args.seeds,
                      "rounds": args.rounds, "per_round": args.per_round,

@@ -37,19 +37,23 @@ the item closest to its nearest neighbours.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from lqf_core.backbones import Backbone
 from lqf_core.classifier import lqf_network
 from lqf_core.config import Method, Regularizer
+from lqf_core.data import open_image
 from lqf_core.errors import Cancelled, IncompatibleModelError, InvalidDataError
 from lqf_core.kfac import EXACT_OUTPUTS_LIMIT
 from lqf_core.linearize import LinearizedNet, batches
 from lqf_core.model import TrainedModel
 from lqf_core.posterior import noise_variance
+from lqf_core.review import prefix_features
+from lqf_core.serving import Predictor
 
 HEAD = "1"  # the head's module name in lqf_network's Sequential(suffix, head)
 # Cold start (TypiClust-like): k-means iterations, and the neighbours that measure how
@@ -263,3 +267,39 @@ def _most_typical(x: torch.Tensor, generator: torch.Generator) -> int:
     neighbours = min(TYPICAL_NEIGHBOURS, n - 1)
     nearest = distances.topk(neighbours + 1, dim=1, largest=False).values[:, 1:]
     return int(candidates[nearest.mean(1).argmin()])
+
+
+# Pool images decoded, preprocessed and passed through the network this many at a time:
+# only their head features and outputs are kept (about 21 KB a pool item in float64 for
+# MobileNetV2's 1,281 head inputs, twice: features and their projection).
+POOL_CHUNK = 256
+
+
+def rank_files(predictor: Predictor, train_files: Sequence[Path], train_labels: Sequence[int],
+               pool_files: Sequence[Path], batch_size: int,
+               progress: Callable[[int, int], None] | None = None,
+               should_stop: Callable[[], bool] | None = None) -> Ranking:
+    """select_batch over image files: the model's training images (in its training
+    order, with their class indices) give the head posterior, then the pool is read in
+    chunks. `progress(done, total)` counts images read."""
+    model = predictor.model
+    prefix = predictor.backbone.split(model.config.suffix)[0].to(predictor.device).eval()
+    total, done = len(train_files) + len(pool_files), 0
+
+    def signals_of(files: Sequence[Path]) -> LQFSignals:
+        nonlocal done
+        parts = []
+        for start in range(0, len(files), POOL_CHUNK):
+            _check(should_stop)
+            chunk = files[start:start + POOL_CHUNK]
+            x = torch.stack([predictor.preprocess(open_image(f)) for f in chunk])
+            z = prefix_features(prefix, x, predictor.device, should_stop)
+            parts.append(lqf_signals(model, predictor.backbone, z, should_stop))
+            done += len(chunk)
+            if progress is not None:
+                progress(done, total)
+        return LQFSignals(torch.cat([p.features for p in parts]),
+                          torch.cat([p.outputs for p in parts]))
+
+    head = HeadPosterior.of(model, signals_of(train_files), torch.tensor(list(train_labels)))
+    return select_batch(head, signals_of(pool_files), batch_size, should_stop)

@@ -161,6 +161,12 @@ class ArtifactStore:
         """A model's cross-fitted mislabel scores (a self-influence job's result)."""
         return self.model_dir(model_id) / "self_influence.json"
 
+    def ranking_path(self, model_id: str, job_id: str) -> Path:
+        """A rank job's result: the items of a dataset to label next under the model."""
+        if not is_valid_id(job_id, "job"):
+            raise KeyError(job_id)
+        return self.model_dir(model_id) / "rankings" / f"{job_id}.json"
+
     def model_record(self, model_id: str) -> ModelRecord | None:
         try:
             path = self.model_dir(model_id) / "record.json"

@@ -55,6 +55,8 @@ class JobKind(StrEnum):
     LABEL_STUDIO_TRAIN = "label_studio_train"
     # only the snapshot: a new dataset from connection `connection_id`'s project
     LABEL_STUDIO_IMPORT = "label_studio_import"
+    # which items of dataset `pool_dataset_id` to label next under model `parent_model_id`
+    RANK = "rank"
 
 
 class IdempotencyConflict(Exception):
@@ -360,7 +362,7 @@ def _decode(raw: dict[str, str]) -> dict[str, Any]:
     for key in JSON_FIELDS:
         if key in out:
             out[key] = json.loads(out[key]) if out[key] else None
-    for key in ("seed", "attempts"):
+    for key in ("seed", "attempts", "batch_size"):
         if out.get(key, "") != "":
             out[key] = int(out[key])
     return {k: (None if v == "" else v) for k, v in out.items()}

@@ -18,6 +18,7 @@ TASK_NAMES: dict[JobKind, str] = {
     JobKind.SELF_INFLUENCE: "lqf.self_influence",
     JobKind.LABEL_STUDIO_TRAIN: "lqf.label_studio_train",
     JobKind.LABEL_STUDIO_IMPORT: "lqf.label_studio_import",
+    JobKind.RANK: "lqf.rank",
 }
 
 

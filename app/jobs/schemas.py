@@ -66,6 +66,10 @@ class JobPublic(BaseModel):
     forget_item_ids: list[int] | None = None
     model_name: str | None = None
     connection_id: str | None = None  # label_studio_train: the connection that asked
+    # rank: the pool and the batch asked for; once done, where the ranking is
+    pool_dataset_id: str | None = None
+    batch_size: int | None = None
+    ranking_url: str | None = None
 
 
 class JobEvent(BaseModel):

@@ -143,6 +143,20 @@ def start_self_influence(jobs: JobStore, store: ArtifactStore, settings: Setting
                       f"self-influence:{record['id']}", reusable=set(JobStatus) - TERMINAL)
 
 
+def create_rank(jobs: JobStore, store: ArtifactStore, settings: Settings, tenant: str,
+                record: ModelRecord, pool_dataset_id: str, batch_size: int,
+                idempotency_key: str | None) -> tuple[dict[str, Any], bool]:
+    """A job ranking the items of a dataset (not the model's training items) to label
+    next under the model."""
+    if store.tenant_dataset(tenant, pool_dataset_id) is None:
+        raise not_found("dataset", pool_dataset_id)
+    fields = {**_derived_fields(store, tenant, record, "ranking reads its training images"),
+              "pool_dataset_id": pool_dataset_id, "batch_size": batch_size}
+    return create_job(jobs, settings, tenant, JobKind.RANK, fields, idempotency_key,
+                      fingerprint({"rank": record["id"], "pool": pool_dataset_id,
+                                   "batch_size": batch_size}))
+
+
 def get(jobs: JobStore, tenant: str, job_id: str) -> dict[str, Any]:
     job = jobs.get(job_id)
     if job is None or job.get("tenant") != tenant:

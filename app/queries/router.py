@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any
 
 import torch
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from app.bodies import ImageBodySpec, parse_image_body
 from app.deps import Artifacts, Jobs, SettingsDep, Tenant
-from app.errors import QUERY_TIMEOUT_RESPONSE
+from app.errors import QUERY_TIMEOUT_RESPONSE, invalid, not_found
 from app.jobs import service as jobs_service
 from app.jobs.schemas import JobPublic
 from app.models.service import get_record, require_lqf
@@ -22,12 +24,14 @@ from app.queries.schemas import (
     InfluenceOptions,
     InfluenceRequest,
     InfluenceResponse,
+    RankDatasetRequest,
     RankedImage,
     RankOptions,
     RankRequest,
     RankResponse,
     SelfInfluenceMethod,
     SelfInfluenceResponse,
+    StoredRanking,
     Variant,
 )
 from app.queries.service import image_url
@@ -89,24 +93,42 @@ _RANK_OPENAPI = {
                                    "default": 10},
                     "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
                 }}},
-            "application/json": {"schema": RankRequest.model_json_schema()},
+            "application/json": {"schema": {"oneOf": [
+                RankRequest.model_json_schema(), RankDatasetRequest.model_json_schema()]}},
         },
     }
 }
 
 
-@router.post("/{model_id}/rank", response_model=RankResponse, responses=QUERY_TIMEOUT_RESPONSE,
+@router.post("/{model_id}/rank", response_model=RankResponse,
+             responses={**QUERY_TIMEOUT_RESPONSE, 202: {
+                 "model": JobPublic, "description": "a dataset to rank: the job ranking it "
+                 "(poll its Location; once it has succeeded, its ranking_url)"}},
              openapi_extra=_RANK_OPENAPI)
 async def rank(model_id: str, request: Request, tenant: Tenant, store: Artifacts,
-               settings: SettingsDep) -> RankResponse:
-    """Which of these unlabeled images to label next, in order: each pick maximises the
-    probability that the model has its two best classes in the wrong order, under the
-    posterior conditioned on the labels of the earlier picks (lqf_core.active; docs/
-    method.md). Up to LQF_MAX_PREDICT_IMAGES images per request."""
+               jobs: Jobs, settings: SettingsDep,
+               idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+               ) -> RankResponse | JSONResponse:
+    """Which unlabeled images to label next, in order: each pick maximises the probability
+    that the model has its two best classes in the wrong order, under the posterior
+    conditioned on the labels of the earlier picks (lqf_core.active; docs/method.md).
+    Images in the request (up to LQF_MAX_PREDICT_IMAGES) are answered at once; a
+    `dataset_id` (JSON) starts a job."""
     posteriors = request.app.state.posteriors
     deadline = posteriors.deadline()
     record = await run_in_threadpool(get_record, store, tenant, model_id)  # 404 first
     require_lqf(record, "ranking")
+    if await _names_a_dataset(request):
+        try:
+            options = RankDatasetRequest.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise invalid(exc) from None
+        job, created = await run_in_threadpool(
+            jobs_service.create_rank, jobs, store, settings, tenant, record,
+            options.dataset_id, options.batch_size, idempotency_key)
+        return JSONResponse(JobPublic(**job).model_dump(mode="json"),
+                            status_code=202 if created else 200,
+                            headers={"Location": f"/jobs/{job['id']}", "Retry-After": "5"})
     body = await parse_image_body(request, RANK_BODY, max_images=settings.max_predict_images)
     entry = await posteriors.get(store, record, request.app.state.predictors, deadline)
     x: torch.Tensor = await run_in_threadpool(prepare, entry.predictor, body.images)
@@ -117,6 +139,31 @@ async def rank(model_id: str, request: Request, tenant: Tenant, store: Artifacts
         strategy=ranking.strategy, pool_size=len(names),
         batch=[RankedImage(index=i, name=names[i], score=score)
                for i, score in zip(ranking.order, ranking.scores, strict=True)])
+
+
+async def _names_a_dataset(request: Request) -> bool:
+    """A JSON body with a `dataset_id` (not images)."""
+    if not request.headers.get("content-type", "").startswith("application/json"):
+        return False
+    try:
+        body = json.loads(await request.body())
+    except ValueError:
+        return False  # parse_image_body says what is wrong
+    return isinstance(body, dict) and "dataset_id" in body and "images" not in body
+
+
+@router.get("/{model_id}/rankings/{job_id}", response_model=StoredRanking)
+def stored_ranking(model_id: str, job_id: str, tenant: Tenant,
+                   store: Artifacts) -> StoredRanking:
+    """The result of a rank job on this model."""
+    record = get_record(store, tenant, model_id)
+    try:
+        stored = read_json(store.ranking_path(record["id"], job_id))
+    except (KeyError, FileNotFoundError):
+        raise not_found("ranking", job_id) from None
+    items = [{**it, "image_url": image_url(stored["dataset_id"], it["item_id"])}
+             for it in stored["items"]]
+    return StoredRanking(**{**stored, "items": items})
 
 
 @router.get(

@@ -103,11 +103,40 @@ class RankRequest(RankOptions):
     images: list[str] = Field(min_length=1, description="base64-encoded image files")
 
 
+class RankDatasetRequest(RankOptions):
+    """A pool too large for one request: a dataset of the tenant. Its items the model
+    learned from (when it is the model's own dataset) are left out; its labels are not
+    read. Answered with a job (202)."""
+
+    dataset_id: str
+
+
 class RankedImage(BaseModel):
     index: int = Field(description="position of the image in the request")
     name: str = Field(description="its file name (multipart) or images[i] (JSON)")
     score: float = Field(description="probability that the model has its two best classes "
                                      "in the wrong order, given the earlier picks' labels")
+
+
+class RankedItem(BaseModel):
+    item_id: int
+    score: float
+    image_url: str
+
+
+class StoredRanking(BaseModel):
+    """A rank job's result."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    model_id: str
+    dataset_id: str
+    job_id: str
+    strategy: str
+    pool_size: int
+    created_at: str
+    seconds: float
+    items: list[RankedItem] = Field(description="the items to label next, first first")
 
 
 class RankResponse(BaseModel):
