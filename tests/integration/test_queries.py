@@ -181,6 +181,47 @@ def test_rank_orders_a_pool_of_unlabeled_images(alice, noisy):
     assert r.status_code == 200 and [b["index"] for b in r.json()["batch"]] == [0]
 
 
+def test_rank_a_dataset_is_a_job_whose_ranking_is_stored(alice, bob, noisy):
+    model_id = noisy["model"]["id"]
+    r = upload(alice, folder_zip(make_samples(4, seed=31)), name="pool")
+    assert r.status_code == 201, r.text
+    pool = r.json()
+    r = alice.post(f"/models/{model_id}/rank", json={"dataset_id": pool["id"], "batch_size": 5})
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["kind"] == "rank" and job["pool_dataset_id"] == pool["id"]
+    assert job["batch_size"] == 5 and r.headers["location"] == f"/jobs/{job['id']}"
+    done = wait_job(alice, job["id"], FINAL)
+    assert done["status"] == "succeeded", done
+    assert done["progress"]["stage"] == "features"
+    url = done["ranking_url"]
+    assert url == f"/models/{model_id}/rankings/{job['id']}"
+    ranking = alice.get(url)
+    assert ranking.status_code == 200, ranking.text
+    body = ranking.json()
+    pool_ids = {it["id"] for it in alice.get(f"/datasets/{pool['id']}/items").json()["items"]}
+    assert body["pool_size"] == len(pool_ids) == 12 and body["strategy"] == "posterior"
+    items = body["items"]
+    assert len(items) == 5 and len({it["item_id"] for it in items}) == 5
+    assert {it["item_id"] for it in items} <= pool_ids
+    assert all(0 <= it["score"] <= 1 for it in items)
+    assert items[0]["image_url"] == f"/datasets/{pool['id']}/items/{items[0]['item_id']}/image"
+    assert bob.get(url).status_code == 404
+    assert alice.get(f"/models/{model_id}/rankings/job_{'0' * 32}").status_code == 404
+    assert alice.get(f"/models/{model_id}/rankings/..%2Fself_influence").status_code == 404
+    # the model's own dataset: every item was learned from, nothing to rank
+    r = alice.post(f"/models/{model_id}/rank",
+                   json={"dataset_id": noisy["dataset"]["id"], "batch_size": 5})
+    failed = wait_job(alice, r.json()["id"], FINAL)
+    assert failed["status"] == "failed" and failed["error"]["code"] == "invalid_data"
+    r = bob.post(f"/models/{model_id}/rank", json={"dataset_id": pool["id"]})
+    assert r.status_code == 404
+    r = alice.post(f"/models/{model_id}/rank", json={"dataset_id": "ds_" + "0" * 32})
+    assert r.status_code == 404 and r.json()["code"] == "dataset_not_found"
+    r = alice.post(f"/models/{model_id}/rank", json={"dataset_id": pool["id"], "batch_size": 0})
+    assert r.status_code == 422
+
+
 def test_query_errors(alice, bob, noisy, service):
     model_id = noisy["model"]["id"]
     img = base64.b64encode(png(5)).decode()
