@@ -40,18 +40,20 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
+from torch import nn
 
 from lqf_core.backbones import Backbone
 from lqf_core.classifier import lqf_network
 from lqf_core.config import Method, Regularizer
-from lqf_core.data import open_image
+from lqf_core.data import ImageSource, open_image
 from lqf_core.errors import Cancelled, IncompatibleModelError, InvalidDataError
 from lqf_core.kfac import EXACT_OUTPUTS_LIMIT
 from lqf_core.linearize import LinearizedNet, batches
 from lqf_core.model import TrainedModel
-from lqf_core.posterior import noise_variance
+from lqf_core.posterior import LQFPosterior, noise_variance
 from lqf_core.review import prefix_features
 from lqf_core.serving import Predictor
 
@@ -275,31 +277,49 @@ def _most_typical(x: torch.Tensor, generator: torch.Generator) -> int:
 POOL_CHUNK = 256
 
 
+def image_signals(predictor: Predictor, images: Sequence[ImageSource],
+                  progress: Callable[[int], None] | None = None,
+                  should_stop: Callable[[], bool] | None = None) -> LQFSignals:
+    """lqf_signals of images (files, bytes), read POOL_CHUNK at a time; `progress(n)`
+    after each chunk, n images done."""
+    model = predictor.model
+    prefix = predictor.backbone.split(model.config.suffix)[0].to(predictor.device).eval()
+    parts = []
+    for start in range(0, len(images), POOL_CHUNK):
+        _check(should_stop)
+        chunk = images[start:start + POOL_CHUNK]
+        x = torch.stack([predictor.preprocess(open_image(image)) for image in chunk])
+        z = prefix_features(prefix, x, predictor.device, should_stop)
+        parts.append(lqf_signals(model, predictor.backbone, z, should_stop))
+        if progress is not None:
+            progress(start + len(chunk))
+    return LQFSignals(torch.cat([p.features for p in parts]),
+                      torch.cat([p.outputs for p in parts]))
+
+
+def head_posterior_of(posterior: LQFPosterior) -> HeadPosterior:
+    """The head posterior of an already built LQFPosterior (its training items' prefix
+    outputs and served outputs are at hand)."""
+    suffix = cast(nn.Sequential, posterior.lin.net)[0]
+    z = posterior.problem.z
+    with torch.no_grad():
+        phi = torch.cat([suffix(z[sl]) for sl in batches(z.shape[0], 256)])
+    features = torch.cat([phi, torch.ones_like(phi[:, :1])], dim=1)
+    return HeadPosterior.of(posterior.model, LQFSignals(features, posterior.train_outputs),
+                            posterior.labels)
+
+
 def rank_files(predictor: Predictor, train_files: Sequence[Path], train_labels: Sequence[int],
-               pool_files: Sequence[Path], batch_size: int,
+               pool: Sequence[ImageSource], batch_size: int,
                progress: Callable[[int, int], None] | None = None,
                should_stop: Callable[[], bool] | None = None) -> Ranking:
     """select_batch over image files: the model's training images (in its training
     order, with their class indices) give the head posterior, then the pool is read in
     chunks. `progress(done, total)` counts images read."""
-    model = predictor.model
-    prefix = predictor.backbone.split(model.config.suffix)[0].to(predictor.device).eval()
-    total, done = len(train_files) + len(pool_files), 0
-
-    def signals_of(files: Sequence[Path]) -> LQFSignals:
-        nonlocal done
-        parts = []
-        for start in range(0, len(files), POOL_CHUNK):
-            _check(should_stop)
-            chunk = files[start:start + POOL_CHUNK]
-            x = torch.stack([predictor.preprocess(open_image(f)) for f in chunk])
-            z = prefix_features(prefix, x, predictor.device, should_stop)
-            parts.append(lqf_signals(model, predictor.backbone, z, should_stop))
-            done += len(chunk)
-            if progress is not None:
-                progress(done, total)
-        return LQFSignals(torch.cat([p.features for p in parts]),
-                          torch.cat([p.outputs for p in parts]))
-
-    head = HeadPosterior.of(model, signals_of(train_files), torch.tensor(list(train_labels)))
-    return select_batch(head, signals_of(pool_files), batch_size, should_stop)
+    total = len(train_files) + len(pool)
+    train = image_signals(predictor, train_files, None if progress is None else (
+        lambda n: progress(n, total)), should_stop)
+    head = HeadPosterior.of(predictor.model, train, torch.tensor(list(train_labels)))
+    signals = image_signals(predictor, pool, None if progress is None else (
+        lambda n: progress(len(train_files) + n, total)), should_stop)
+    return select_batch(head, signals, batch_size, should_stop)

@@ -41,7 +41,7 @@ from app.errors import ApiError
 from app.models.service import require_lqf
 from app.predict.service import Loaded, PredictorCache
 from app.queries.deadline import Deadline
-from lqf_core.active import HeadPosterior, Ranking, lqf_signals, select_batch
+from lqf_core.active import HeadPosterior, Ranking, head_posterior_of, lqf_signals, select_batch
 from lqf_core.errors import Cancelled
 from lqf_core.posterior import LQFPosterior
 from lqf_core.review import prefix_features, training_posterior
@@ -120,9 +120,7 @@ class PosteriorEntry:
         model, backbone = self.posterior.model, self.predictor.backbone
         with self.lock:
             if self._head is None:
-                z = self.posterior.problem.z
-                train = lqf_signals(model, backbone, z, should_stop=deadline.passed)
-                self._head = HeadPosterior.of(model, train, self.posterior.labels)
+                self._head = head_posterior_of(self.posterior)
             z_pool = self.features(x, deadline).to(self.posterior.problem.z)
             pool = lqf_signals(model, backbone, z_pool, should_stop=deadline.passed)
             return select_batch(self._head, pool, batch_size, should_stop=deadline.passed)

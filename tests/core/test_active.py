@@ -13,6 +13,7 @@ from lqf_core.active import (
     HeadPosterior,
     cold_start_batch,
     flip_log_probability,
+    head_posterior_of,
     lqf_signals,
     select_batch,
 )
@@ -72,6 +73,13 @@ def test_served_outputs_and_head_features(ranked):
     torch.testing.assert_close(train.outputs, post.train_outputs, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(pool.outputs, post.outputs(pool_z), rtol=1e-10, atol=1e-10)
     assert torch.all(pool.features[:, -1] == 1)  # the bias's input
+
+
+def test_the_head_posterior_of_a_built_posterior_is_the_same(ranked):
+    _, post, head, _, _, _ = ranked
+    again = head_posterior_of(post)
+    torch.testing.assert_close(again.covariance, head.covariance, rtol=1e-10, atol=1e-12)
+    assert again.noise == head.noise
 
 
 def test_pool_covariance_equals_the_dense_posteriors_head_block(ranked):

@@ -8,6 +8,7 @@ predictions follow, with no reconnecting and no click."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 import random
 import subprocess
@@ -164,6 +165,24 @@ def test_annotations_train_and_label_studio_gets_the_new_version(label_studio, s
                 for p in stored if p["task"] in truth)
     assert right / len(truth) > 0.5, right
 
+    # The next batch to label: 20 unlabelled tasks whose scores sort them first, in pick
+    # order, below every top-1 probability (>= 1/3 with 3 classes) of the other tasks.
+    assert review["next_batch"] == 20 and review["unlabeled"] == TASKS - ANNOTATED, review
+    unlabelled = sorted((p for p in stored if p["task"] not in annotated),
+                        key=lambda p: p["score"])
+    queue, rest = unlabelled[:20], unlabelled[20:]
+    assert [p["score"] for p in queue] == pytest.approx([(r + 1) / (21 * 3) for r in range(20)])
+    assert min(p["score"] for p in rest) >= 1 / 3 - 1e-9
+    # ... and Label Studio's Data Manager, sorted by prediction score, lists them first
+    # the project shows (and sorts by) the new version's predictions
+    assert ls.get(f"/api/projects/{pid}").json()["model_version"] == "shapes-ls@v1"
+    query = json.dumps({"ordering": ["tasks:predictions_score"]})
+    listed = ls.get("/api/tasks", params={"project": pid, "query": query, "page_size": 20})
+    assert listed.status_code == 200, listed.text
+    tasks = listed.json()
+    tasks = tasks["tasks"] if isinstance(tasks, dict) else tasks
+    assert [t["id"] for t in tasks] == [p["task"] for p in queue], tasks[:3]
+
     # "Start training" in Label Studio: version 2, and the next run predicts every task
     # again with it (Label Studio keeps the old predictions beside the new).
     assert ls.post(f"/api/ml/{ml_id}/train").status_code == 200
@@ -172,6 +191,7 @@ def test_annotations_train_and_label_studio_gets_the_new_version(label_studio, s
              "the review of version 2")
     assert Counter(p["model_version"] for p in predictions()) == {
         "shapes-ls@v1": TASKS, "shapes-ls@v2": TASKS}
+    assert ls.get(f"/api/projects/{pid}").json()["model_version"] == "shapes-ls@v2"
     status = api.get(f"/label-studio/connections/{conn['id']}").json()
     assert status["project"] == pid and status["last_job_status"] == "succeeded"
     assert status["last_error"] is None

@@ -10,18 +10,13 @@ and reproduced. Files are fetched from the connection's Label Studio only.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 import shutil
-from pathlib import PurePosixPath
 from typing import Any
-from urllib.parse import urljoin, urlsplit
 
 import httpx
 
-from lqf_core.data import IMAGE_SUFFIXES, open_image
-from lqf_core.errors import InvalidDataError, TrainingCancelled
+from lqf_core.errors import TrainingCancelled
 from lqf_core.train import Progress
 from state.artifacts import ArtifactStore, write_json
 from state.connections import Connection, ConnectionStore
@@ -33,13 +28,10 @@ from state.labelstudio import (
     task_image,
 )
 from state.records import DatasetManifest, ManifestItem
+from worker.jobs.label_studio_client import FETCH_TIMEOUT_S, export_tasks, fetch_image
 from worker.jobs.label_studio_review import publish_review
 from worker.jobs.train import compute_training
 from worker.lifecycle import JobContext, JobFailure, Outcome, Undo
-
-FETCH_TIMEOUT_S = 30.0
-MAX_IMAGE_BYTES = 32 * 1024 * 1024
-MAX_TASKS = 20_000
 
 
 def compute_label_studio_training(job: dict[str, Any], context: JobContext) -> Outcome:
@@ -87,7 +79,7 @@ def import_project(conn: Connection, context: JobContext) -> str:
     base = (conn.label_studio_url or "").rstrip("/") + "/"
     with httpx.Client(base_url=base, headers=headers, timeout=FETCH_TIMEOUT_S,
                       follow_redirects=False) as client:
-        tasks = _export(client, conn)
+        tasks = export_tasks(client, conn)
         labelled = []
         for task in tasks:
             found = annotated_label(task, control) if isinstance(task, dict) else None
@@ -107,7 +99,7 @@ def import_project(conn: Connection, context: JobContext) -> str:
                 if context.should_stop():
                     raise TrainingCancelled("cancelled while importing")
                 source = task_image(task, control)
-                data, suffix = _fetch(client, base, source, task.get("id"))
+                data, suffix = fetch_image(client, base, source, task.get("id"))
                 (staging / "images" / f"{index}{suffix}").write_bytes(data)
                 items.append(ManifestItem(id=index, label=label,
                                           filename=f"task-{task.get('id')}{suffix}",
@@ -129,55 +121,3 @@ def import_project(conn: Connection, context: JobContext) -> str:
             shutil.rmtree(staging, ignore_errors=True)
             raise
     return dataset_id
-
-
-def _export(client: httpx.Client, conn: Connection) -> list[Any]:
-    try:
-        r = client.get(f"api/projects/{conn.project}/export", params={"exportType": "JSON"})
-    except httpx.HTTPError as exc:
-        raise JobFailure("label_studio_unreachable", f"could not reach Label Studio at "
-                         f"{conn.label_studio_url} ({type(exc).__name__})") from None
-    if r.status_code != 200:
-        raise JobFailure("label_studio_error", f"Label Studio answered the export of project "
-                         f"{conn.project} with HTTP {r.status_code}: {r.text[:200]}")
-    tasks = r.json()
-    if not isinstance(tasks, list) or len(tasks) > MAX_TASKS:
-        raise JobFailure("label_studio_error", "the export is not a list of at most "
-                         f"{MAX_TASKS} tasks")
-    return tasks
-
-
-def _fetch(client: httpx.Client, base: str, source: str, task_id: Any) -> tuple[bytes, str]:
-    """(bytes, file suffix) of a task's image: a data URI, or a file on the connection's
-    Label Studio (any other address is refused: no request goes where a task says)."""
-    where = f"task {task_id}"
-    if source.startswith("data:"):
-        header, _, payload = source.partition(",")
-        try:
-            data = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise JobFailure("invalid_data", f"{where}: the data URI is not base64") from None
-        suffix = "." + header.removeprefix("data:image/").split(";")[0]
-    else:
-        url = urljoin(base, source)
-        if urlsplit(url)[:2] != urlsplit(base)[:2]:
-            raise JobFailure("invalid_data", f"{where}: {source[:100]} is not on the connected "
-                                             f"Label Studio ({base}); it is not fetched")
-        with client.stream("GET", url) as response:
-            if response.status_code != 200:
-                raise JobFailure("label_studio_error",
-                                 f"{where}: {url} answered HTTP {response.status_code}")
-            body = bytearray()
-            for chunk in response.iter_bytes():
-                body += chunk
-                if len(body) > MAX_IMAGE_BYTES:
-                    raise JobFailure("invalid_data", f"{where}: image over {MAX_IMAGE_BYTES} B")
-        data = bytes(body)
-        suffix = PurePosixPath(urlsplit(url).path).suffix.lower()
-    if suffix.lower() not in IMAGE_SUFFIXES:
-        suffix = ".png"
-    try:
-        open_image(data, name=where)  # decodable, not a decompression bomb
-    except InvalidDataError as exc:
-        raise JobFailure("invalid_data", str(exc)) from None
-    return data, suffix.lower()

@@ -11,6 +11,11 @@ that version:
 * `mislabeling`: its mislabel score (lqf_core.review; exact for solver "exact" models);
 * `neighbors`: the Label Studio task ids of the training items that most support the
   prediction.
+Then the next NEXT_BATCH unlabeled tasks to label (lqf_core.active.select_batch over the
+project's unlabeled tasks) get a prediction of that version whose `score` is below any
+top-1 probability and rises with the pick order: sorted by prediction score, ascending,
+the Data Manager lists the next batch first, in the order chosen, then the other tasks
+from the least certain up.
 Label Studio's predict run skips tasks that already hold a prediction of the current
 version, so the run this step then starts (`retrieve_tasks_predictions`) predicts only
 the others, through our /predict, and nothing is stored twice.
@@ -23,23 +28,35 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import torch
 
+from lqf_core.active import head_posterior_of, image_signals, select_batch
 from lqf_core.config import Method
 from lqf_core.errors import LQFError
+from lqf_core.posterior import LQFPosterior
 from lqf_core.review import image_features, review_items, training_posterior
 from lqf_core.serving import Predictor
 from state.artifacts import ArtifactStore, read_json
 from state.connections import Connection, ConnectionStore, version_label
 from state.ids import utc_now
-from state.labelstudio import LabelStudioFormatError, choices_prediction, parse_label_config
+from state.labelstudio import (
+    ChoicesControl,
+    LabelStudioFormatError,
+    annotated_label,
+    choices_prediction,
+    parse_label_config,
+    task_image,
+)
 from state.records import item_ids_of
 from state.registry import Registry
 from worker.config import WorkerSettings
-from worker.lifecycle import SHUTTING_DOWN, job_device
+from worker.jobs.label_studio_client import export_tasks, fetch_image
+from worker.lifecycle import SHUTTING_DOWN, JobFailure, job_device
 
 log = logging.getLogger("lqf.worker")
 
@@ -47,6 +64,10 @@ WRITE_TIMEOUT_S = 30.0
 PREDICT_RUN_TIMEOUT_S = 600.0  # Label Studio's predict run is synchronous: ~0.14 s a task
 NEIGHBORS = 5
 NEIGHBORS_FOR = 100  # tasks (highest mislabel scores first) that get neighbors
+# The next batch to label: this many unlabeled tasks, chosen among the first
+# MAX_RANKED_TASKS of the project (each one's image is fetched and read).
+NEXT_BATCH = 20
+MAX_RANKED_TASKS = 5000
 # The review's computation (posterior, scores, neighbors) stops past this: the worker has
 # other jobs (about 3 minutes at 1,000 items of MobileNetV2 on two cores).
 REVIEW_TIMEOUT_S = 900.0
@@ -66,9 +87,9 @@ def publish_review(job: dict[str, Any], model_id: str, artifacts: ArtifactStore,
     failed = {"model_id": model_id, "model_version": None, "tasks": 0, "solver": None}
     try:
         review = _publish(conn, job, model_id, artifacts, settings)
-    except (ReviewError, LabelStudioFormatError, LQFError) as exc:
+    except (ReviewError, LabelStudioFormatError, LQFError, JobFailure) as exc:
         # LQFError: e.g. the snapshot no longer reproduces the model, a shutdown, or
-        # REVIEW_TIMEOUT_S (Cancelled)
+        # REVIEW_TIMEOUT_S (Cancelled); JobFailure: a task's image could not be read
         review = {**failed, "error": f"{type(exc).__name__}: {exc}"}
     except httpx.HTTPError as exc:
         review = {**failed, "error": f"could not reach Label Studio at "
@@ -92,28 +113,77 @@ def _publish(conn: Connection, job: dict[str, Any], model_id: str, artifacts: Ar
     record = artifacts.model_record(model_id)
     if record is None:
         raise ReviewError(f"{model_id} was deleted")
-    predictions: list[dict[str, Any]] = []
-    solver = None
-    if record["method"] == Method.LQF.value:
-        predictions, solver = _review_predictions(conn, record["dataset_id"], model_id, label,
-                                                  artifacts, job, settings)
     headers = {"Authorization": f"Token {conn.access_token}"} if conn.access_token else {}
     base = (conn.label_studio_url or "").rstrip("/") + "/"
+    predictions: list[dict[str, Any]] = []
+    queue: list[dict[str, Any]] = []
+    solver, unlabeled = None, 0
     with httpx.Client(base_url=base, headers=headers, timeout=WRITE_TIMEOUT_S,
                       follow_redirects=False) as client:
-        for prediction in predictions:
+        if record["method"] == Method.LQF.value:
+            review = _review_predictions(conn, record["dataset_id"], model_id, label,
+                                         artifacts, job, settings)
+            predictions, solver = review.predictions, review.solver
+            queue, unlabeled = _next_batch(conn, client, base, review, label)
+        for prediction in predictions + queue:
             _expect(client.post("api/predictions", json=prediction), "storing a prediction")
         run = client.post("api/dm/actions", timeout=PREDICT_RUN_TIMEOUT_S,
                           params={"id": "retrieve_tasks_predictions", "project": conn.project},
                           json={"selectedItems": {"all": True, "excluded": []}})
         _expect(run, "its predict run")
+        # Label Studio 1.23 shows, and sorts by the score of, only the predictions whose
+        # model_version is the project's; adding a backend sets that to the backend's
+        # title, which no prediction carries. The new version's predictions now exist,
+        # so the project may select them.
+        _expect(client.patch(f"api/projects/{conn.project}", json={"model_version": label}),
+                "selecting the new version's predictions")
     return {"model_id": model_id, "model_version": label, "tasks": len(predictions),
-            "solver": solver, "error": None}
+            "solver": solver, "next_batch": len(queue), "unlabeled": unlabeled, "error": None}
+
+
+@dataclass
+class _Review:
+    predictions: list[dict[str, Any]]
+    solver: str
+    predictor: Predictor
+    posterior: LQFPosterior
+    control: ChoicesControl
+    should_stop: Callable[[], bool]
+
+
+def _next_batch(conn: Connection, client: httpx.Client, base: str, review: _Review,
+                label: str) -> tuple[list[dict[str, Any]], int]:
+    """Predictions for the next NEXT_BATCH unlabeled tasks to label (lqf_core.active), with
+    scores that sort them first, in pick order, below every other prediction's score ->
+    (predictions, unlabeled tasks considered)."""
+    tasks = [t for t in export_tasks(client, conn, all_tasks=True)
+             if isinstance(t, dict) and annotated_label(t, review.control) is None]
+    tasks = tasks[:MAX_RANKED_TASKS]
+    if not tasks:
+        return [], 0
+    images = [fetch_image(client, base, task_image(t, review.control), t.get("id"))[0]
+              for t in tasks]
+    head = head_posterior_of(review.posterior)
+    pool = image_signals(review.predictor, images, should_stop=review.should_stop)
+    ranking = select_batch(head, pool, NEXT_BATCH, should_stop=review.should_stop)
+    model = review.predictor.model
+    allowed = [c for c, name in enumerate(model.class_names)
+               if not review.control.choices or name in review.control.choices]
+    out = []
+    for rank, i in enumerate(ranking.order):
+        outputs = pool.outputs[i]
+        predicted = max(allowed, key=lambda c: float(outputs[c]))
+        # Below 1 / C, the least a top-1 probability (the other tasks' score) can be.
+        score = (rank + 1) / ((len(ranking.order) + 1) * model.num_classes)
+        out.append({**choices_prediction(model.class_names[predicted], score, review.control,
+                                         label),
+                    "task": tasks[i]["id"], "project": conn.project})
+    return out, len(tasks)
 
 
 def _review_predictions(conn: Connection, dataset_id: str, model_id: str, label: str,
                         artifacts: ArtifactStore, job: dict[str, Any],
-                        settings: WorkerSettings) -> tuple[list[dict[str, Any]], str]:
+                        settings: WorkerSettings) -> _Review:
     control = parse_label_config(conn.label_config or "")
     source = read_json(artifacts.dataset_dir(dataset_id) / "source.json")
     task_of = {int(it["item_id"]): it["task_id"] for it in source["items"]}
@@ -147,7 +217,7 @@ def _review_predictions(conn: Connection, dataset_id: str, model_id: str, label:
         out.append({**choices_prediction(predicted, r.probability, control, label),
                     "task": task_of[item_id], "project": conn.project,
                     "mislabeling": r.mislabel_score, "neighbors": neighbors})
-    return out, solver
+    return _Review(out, solver, predictor, built.posterior, control, should_stop)
 
 
 def _expect(response: httpx.Response, what: str) -> None:
