@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from lqf_core.errors import (
     IncompatibleModelError,
@@ -50,10 +51,12 @@ class ErrorBody(BaseModel):
 # against the schema, knows each status and its body.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": description} for status, description in (
+        (400, "the body cannot be read (e.g. not JSON, not a zip)"),
         (401, "no or an unknown API key"),
         (404, "not found, or another tenant's"),
         (409, "conflicts with the current state (e.g. a job still running)"),
         (413, "the body or an image is over its limit"),
+        (415, "a content type the route does not take"),
         (422, "invalid input, named in `detail`"),
     )}
 
@@ -63,6 +66,15 @@ QUERY_TIMEOUT_RESPONSE: dict[int | str, dict[str, Any]] = {
           "description": "the query passed LQF_QUERY_TIMEOUT_S and was stopped (code "
                          "query_timeout), or the model's posterior is still being built "
                          "(code posterior_building, with Retry-After)"}}
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)  # PARTIAL: the path, another method
+        if match != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return sorted(methods)
 
 
 def not_found(kind: str, ident: str) -> ApiError:
@@ -114,10 +126,15 @@ def install_error_handlers(app: FastAPI) -> None:
         return _json(422, validation_detail(list(exc.errors())), "validation_error")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
                 413: "too_large"}.get(exc.status_code, "http_error")
-        return JSONResponse(status_code=exc.status_code, headers=getattr(exc, "headers", None),
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            # Starlette names the methods of the first route on the path only; FastAPI
+            # has one route per method.
+            headers["Allow"] = ", ".join(_allowed_methods(request))
+        return JSONResponse(status_code=exc.status_code, headers=headers or None,
                             content={"detail": exc.detail, "code": code})
 
     @app.exception_handler(Exception)

@@ -2,28 +2,35 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
+from lqf_core.backbones import list_backbones
 from lqf_core.config import Method, TrainConfig
 from state.jobstore import JobKind, JobStatus
+from state.registry import NAME_RE
 
+# The schema lists the registry's backbones; whether one's weights are installed is checked
+# per request (422).
+BACKBONE_NAMES: list[JsonValue] = [*list_backbones()]
 
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     dataset_id: str
     method: Method = Method.LQF
-    backbone: str = TrainConfig.backbone
+    backbone: str = Field(default=TrainConfig.backbone,
+                          json_schema_extra={"enum": BACKBONE_NAMES})
     hyperparameters: dict[str, Any] = Field(
         default_factory=dict,
         description="Any TrainConfig field except method, backbone and seed "
         "(e.g. image_size, max_iters, epochs, lr, val_fraction, device); the rest keep "
         "their defaults",
     )
-    seed: int = Field(default=0, ge=0, le=2**32 - 1)
+    seed: int = Field(default=0, ge=0, le=2**32 - 1, strict=True)
     model_name: str | None = Field(
         default=None, description="on success the model becomes this name's next version "
-        "(the name is created by its first version)")
+        "(the name is created by its first version)",
+        json_schema_extra={"pattern": NAME_RE.pattern})
 
 
 class JobProgress(BaseModel):

@@ -32,7 +32,7 @@ from app.config import Settings
 from app.deps import Artifacts, Jobs, SettingsDep, Tenant
 from app.errors import ApiError
 from app.jobs import service as jobs_service
-from app.jobs.schemas import JobCreate
+from app.jobs.schemas import BACKBONE_NAMES, JobCreate
 from app.labelstudio import service as ls
 from app.labelstudio.protocol import json_body, predict_tasks
 from app.pagination import Limit, Offset, Page, page
@@ -42,7 +42,7 @@ from state.connections import Connection, ConnectionStore, version_label
 from state.jobstore import JobKind, JobStatus, JobStore
 from state.labelstudio import project_id
 from state.records import ModelRecord
-from state.registry import ModelName, Registry, RegistryError, Version, check_name
+from state.registry import NAME_RE, ModelName, Registry, RegistryError, Version, check_name
 
 log = logging.getLogger("lqf.api")
 
@@ -56,13 +56,15 @@ class ConnectionCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     name: str = Field(description="the model name it serves and trains (created by its "
-                                  "first training)")
-    min_annotations: int = Field(default=1, ge=1, le=100_000,
+                                  "first training)",
+                      json_schema_extra={"pattern": NAME_RE.pattern})
+    min_annotations: int = Field(default=1, ge=1, le=100_000, strict=True,
                                  description="annotation events that start a training job")
     method: Method = Method.LQF
-    backbone: str = JobCreate.model_fields["backbone"].default
+    backbone: str = Field(default=JobCreate.model_fields["backbone"].default,
+                          json_schema_extra={"enum": BACKBONE_NAMES})
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
-    seed: int = Field(default=0, ge=0, le=2**32 - 1)
+    seed: int = Field(default=0, ge=0, le=2**32 - 1, strict=True)
 
 
 class ConnectionPublic(BaseModel):

@@ -4,17 +4,22 @@ version; `/predict`, the query routes and Label Studio accept the name itself.""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Annotated
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Path
 
 from app.deps import Artifacts, Tenant
 from app.errors import ApiError, not_found
 from app.names.schemas import AliasUpdate, NamePublic, VersionPublic
 from app.pagination import Limit, Offset, Page, page
 from state.artifacts import ArtifactStore
-from state.registry import PRODUCTION, ModelName, Registry, RegistryError
+from state.registry import ALIAS_RE, NAME_RE, PRODUCTION, ModelName, Registry, RegistryError
 
 router = APIRouter(prefix="/names", tags=["names"])
+
+# The schema documents the rules; state.registry checks them (422 invalid_name / _alias).
+NamePath = Annotated[str, Path(json_schema_extra={"pattern": NAME_RE.pattern})]
+AliasPath = Annotated[str, Path(json_schema_extra={"pattern": ALIAS_RE.pattern})]
 
 
 def public(entry: ModelName) -> NamePublic:
@@ -45,7 +50,7 @@ def list_names(tenant: Tenant, store: Artifacts, limit: Limit = 100,
 
 
 @router.get("/{name}", response_model=NamePublic)
-def get_name(name: str, tenant: Tenant, store: Artifacts) -> NamePublic:
+def get_name(name: NamePath, tenant: Tenant, store: Artifacts) -> NamePublic:
     try:
         entry = Registry(store.root).get(tenant, name)
     except RegistryError:
@@ -56,7 +61,7 @@ def get_name(name: str, tenant: Tenant, store: Artifacts) -> NamePublic:
 
 
 @router.put("/{name}/aliases/{alias}", response_model=NamePublic)
-def set_alias(name: str, alias: str, body: AliasUpdate, tenant: Tenant,
+def set_alias(name: NamePath, alias: AliasPath, body: AliasUpdate, tenant: Tenant,
               store: Artifacts) -> NamePublic:
     """Point `alias` at a version, e.g. `production` (which the bare name then means)."""
     return _change(store, tenant, name,
@@ -64,12 +69,12 @@ def set_alias(name: str, alias: str, body: AliasUpdate, tenant: Tenant,
 
 
 @router.delete("/{name}/aliases/{alias}", response_model=NamePublic)
-def delete_alias(name: str, alias: str, tenant: Tenant, store: Artifacts) -> NamePublic:
+def delete_alias(name: NamePath, alias: AliasPath, tenant: Tenant, store: Artifacts) -> NamePublic:
     return _change(store, tenant, name, lambda r: r.delete_alias(tenant, name, alias))
 
 
 @router.post("/{name}/rollback", response_model=NamePublic)
-def rollback(name: str, tenant: Tenant, store: Artifacts) -> NamePublic:
+def rollback(name: NamePath, tenant: Tenant, store: Artifacts) -> NamePublic:
     """Make the version before the current one current (`production` moves to it)."""
     def back(registry: Registry) -> ModelName:
         entry = registry.get(tenant, name)

@@ -20,4 +20,4 @@ class NamePublic(BaseModel):
 
 
 class AliasUpdate(BaseModel):
-    version: int = Field(ge=1)
+    version: int = Field(ge=1, strict=True)

@@ -22,7 +22,7 @@ _OPENAPI_BODY = {
             "multipart/form-data": {"schema": {
                 "type": "object", "required": ["model_id", "files"],
                 "properties": {
-                    "model_id": {"type": "string",
+                    "model_id": {"type": "string", "minLength": 1,
                                  "description": "a model id, a model name, or name@alias"},
                     "top_k": {"type": "integer", "minimum": 1},
                     "uncertainty": {"type": "boolean", "default": False},

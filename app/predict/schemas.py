@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -17,7 +19,8 @@ class PredictOptions(BaseModel):
 class PredictRequest(PredictOptions):
     """The JSON encoding: images as base64 strings."""
 
-    images: list[str] = Field(min_length=1, description="base64-encoded image files")
+    images: list[Annotated[str, Field(min_length=1)]] = Field(
+        min_length=1, description="base64-encoded image files")
 
 
 class PredictionUncertainty(BaseModel):

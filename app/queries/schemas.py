@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -31,7 +32,7 @@ class InfluenceOptions(BaseModel):
 class InfluenceRequest(InfluenceOptions):
     """The JSON encoding: the image as a base64 string."""
 
-    image: str = Field(description="a base64-encoded image file")
+    image: str = Field(min_length=1, description="a base64-encoded image file")
 
 
 class InfluenceItem(BaseModel):
@@ -84,7 +85,7 @@ class SelfInfluenceResponse(BaseModel):
 class ForgetRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    item_ids: list[int] = Field(min_length=1, max_length=20_000,
+    item_ids: list[Annotated[int, Field(strict=True)]] = Field(min_length=1, max_length=20_000,
                                 description="dataset item ids to forget")
 
 
@@ -100,7 +101,8 @@ class RankOptions(BaseModel):
 class RankRequest(RankOptions):
     """The JSON encoding: the pool as base64 strings."""
 
-    images: list[str] = Field(min_length=1, description="base64-encoded image files")
+    images: list[Annotated[str, Field(min_length=1)]] = Field(
+        min_length=1, description="base64-encoded image files")
 
 
 class RankDatasetRequest(RankOptions):

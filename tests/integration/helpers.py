@@ -7,7 +7,8 @@ from typing import Any
 
 import httpx
 
-KEYS = {"alice": "key-alice-0123456789", "bob": "key-bob-0123456789"}
+KEYS = {"alice": "key-alice-0123456789", "bob": "key-bob-0123456789",
+        "fuzz": "key-fuzz-0123456789"}  # fuzz: schemathesis, in a tenant of its own
 QUEUE = "lqf-test"
 FAST_TINY = {"image_size": 32}
 FINAL = {"succeeded", "failed", "cancelled"}
