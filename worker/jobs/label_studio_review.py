@@ -37,7 +37,7 @@ import torch
 
 from lqf_core.active import head_posterior_of, image_signals, select_batch
 from lqf_core.config import Method
-from lqf_core.errors import LQFError
+from lqf_core.errors import Cancelled, LQFError
 from lqf_core.posterior import LQFPosterior
 from lqf_core.review import image_features, review_items, training_posterior
 from lqf_core.serving import Predictor
@@ -161,8 +161,11 @@ def _next_batch(conn: Connection, client: httpx.Client, base: str, review: _Revi
     tasks = tasks[:MAX_RANKED_TASKS]
     if not tasks:
         return [], 0
-    images = [fetch_image(client, base, task_image(t, review.control), t.get("id"))[0]
-              for t in tasks]
+    images = []
+    for t in tasks:
+        if review.should_stop():
+            raise Cancelled("stopped while fetching the unlabeled tasks' images")
+        images.append(fetch_image(client, base, task_image(t, review.control), t.get("id"))[0])
     head = head_posterior_of(review.posterior)
     pool = image_signals(review.predictor, images, should_stop=review.should_stop)
     ranking = select_batch(head, pool, NEXT_BATCH, should_stop=review.should_stop)
