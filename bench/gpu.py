@@ -6,7 +6,8 @@
 For each device (CUDA first when present, then the CPU): a default `lqf` job's fit
 (`train_model`, mobilenet_v2 at its defaults), `Predictor.predict_batch` throughput on
 batches of 64 test images, and the closed-form queries the service runs (posterior
-build, K-FAC uncertainty of 64 images, first-order influence of one image). It checks
+build, K-FAC uncertainty of 64 images, first-order influence of one image, a batch of 100
+to label chosen from the test images). It checks
 that both devices predict the same classes. Seeded synthetic images stand in when
 Fashion-MNIST is not installed (`apt-get install dataset-fashion-mnist`).
 """
@@ -27,6 +28,7 @@ import torch
 
 from bench.fashion_mnist import CLASS_NAMES, few_shot_indices, load_split, to_tensor
 from bench.transfer import machine_info
+from lqf_core.active import head_posterior_of, lqf_signals, select_batch
 from lqf_core.artifacts import save_model
 from lqf_core.backbones import load_backbone
 from lqf_core.config import TrainConfig
@@ -94,11 +96,14 @@ def run(device: str, x: torch.Tensor, labels: list[int], x_test: torch.Tensor,
     _, uncertainty_s = timed(lambda: post.uncertainty(features(batch)), device)
     _, influence_s = timed(lambda: post.influence(features(batch[:1]), exact=False,
                                                   with_loo=False), device)
+    pool = lqf_signals(model, predictor.backbone, features(x_test))
+    _, rank_s = timed(lambda: select_batch(head_posterior_of(post), pool, 100), device)
     return {"device": device, "train_s": round(train_s, 2),
             "predict_images_per_s": round(batches * len(batch) / predict_s, 1),
             "posterior_build_s": round(build_s, 2),
             "uncertainty_64_s": round(uncertainty_s, 3),
             "influence_s": round(influence_s, 3),
+            "rank_100_of_pool_s": round(rank_s, 3),
             "solver_iterations": model.info.get("solver_iterations"),
             "classes": classes.tolist()}
 
@@ -127,11 +132,12 @@ def main(argv: list[str] | None = None) -> int:
         same = np.mean(np.array(runs[0]["classes"]) == np.array(runs[1]["classes"]))
         result["prediction_agreement"] = round(float(same), 4)
     lines = ["| device | train s | predict img/s (batch 64) | posterior build s | "
-             "uncertainty, 64 images s | influence s |", "|---|---|---|---|---|---|"]
+             "uncertainty, 64 images s | influence s | rank 100 of the test images s |",
+             "|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
         lines.append(f"| {r['device']} | {r['train_s']} | {r['predict_images_per_s']} | "
                      f"{r['posterior_build_s']} | {r['uncertainty_64_s']} | "
-                     f"{r['influence_s']} |")
+                     f"{r['influence_s']} | {r['rank_100_of_pool_s']} |")
     table = "\n".join(lines)
     print("\n" + table)
     if "prediction_agreement" in result:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lqf_core.active import head_posterior_of, lqf_signals, select_batch
 from lqf_core.classifier import build_classifier
 from lqf_core.config import TrainConfig
 from lqf_core.posterior import LQFPosterior
@@ -29,7 +30,7 @@ def data():
 @pytest.mark.parametrize("regularizer", ["isotropic", "kfac"])
 def test_training_and_queries_on_cuda_match_the_cpu(backbone, data, regularizer):
     x, labels = data
-    outputs, leverages = {}, {}
+    outputs, leverages, batches = {}, {}, {}
     for device in ("cpu", "cuda"):
         config = CONFIG.replace(device=device, regularizer=regularizer, tol=1e-10,
                                 max_iters=200 if regularizer == "kfac" else 30)
@@ -41,6 +42,9 @@ def test_training_and_queries_on_cuda_match_the_cpu(backbone, data, regularizer)
             z = prefix(x.to(device))
         post = LQFPosterior(model, backbone, z, labels, device=torch.device(device))
         leverages[device] = post.leverages(exact=False).cpu()
+        pool = lqf_signals(model, backbone, z.flip(0))
+        batches[device] = select_batch(head_posterior_of(post), pool, 5).order
         backbone.blocks = [b.cpu() for b in backbone.blocks]
     torch.testing.assert_close(outputs["cuda"], outputs["cpu"], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(leverages["cuda"], leverages["cpu"], rtol=1e-5, atol=1e-7)
+    assert batches["cuda"] == batches["cpu"]
