@@ -12,7 +12,8 @@ Starts the service as `make serve` does (app.launcher), uploads the images, trai
   2. `POST /predict` of 64 images, without and with `uncertainty=true`;
   3. `POST /models/{id}/influence` of one image (first order, and exact leave-one-out);
   4. `GET /models/{id}/self-influence?method=leverage`: the first call computes every
-     training item's leverage; a second call is served from the cache.
+     training item's leverage; a second call is served from the cache;
+  5. `POST /models/{id}/rank` of 64 images for a batch of 10.
 Repeated requests report the median and the maximum. Writes
 `docs/results/interactive.{json,md}`.
 """
@@ -102,6 +103,10 @@ def measure(client: httpx.Client, model_id: str, images: list[bytes]) -> dict[st
         return lambda: client.post(f"/models/{model_id}/influence", files=files,
                                    data={"top_k": "5", "variant": variant})
 
+    def rank() -> httpx.Response:
+        files = [("files", (f"t{i}.png", images[i], "image/png")) for i in range(64)]
+        return client.post(f"/models/{model_id}/rank", files=files, data={"batch_size": "10"})
+
     def leverage() -> httpx.Response:
         return client.get(f"/models/{model_id}/self-influence",
                           params={"method": "leverage", "limit": 20})
@@ -126,6 +131,7 @@ def measure(client: httpx.Client, model_id: str, images: list[bytes]) -> dict[st
     timings["first_leverage_request_s"] = round(timed(leverage)[1], 2)
     timings["influence_exact_loo"] = repeated(influence("exact_loo"))
     timings["leverage_cached"] = repeated(leverage)
+    timings["rank_10_of_64"] = repeated(rank)
     return timings
 
 
@@ -154,7 +160,9 @@ def markdown(result: dict[str, Any]) -> str:
             ("`/influence`, exact_loo (leverages cached)", t["influence_exact_loo"]["median_s"],
              t["influence_exact_loo"]["max_s"]),
             ("`/self-influence?method=leverage`, cached", t["leverage_cached"]["median_s"],
-             t["leverage_cached"]["max_s"])]
+             t["leverage_cached"]["max_s"]),
+            ("`/models/{id}/rank`, 10 of 64 images", t["rank_10_of_64"]["median_s"],
+             t["rank_10_of_64"]["max_s"])]
     lines = [f"# Interactive queries over HTTP\n\n`{result['command']}` — {result['date']}, "
              f"git {result['git']}, {result['machine']['cpu']} ({result['machine']['nproc']} "
              f"cores); a default lqf job on {result['data']['items']} "
