@@ -159,8 +159,11 @@ def _next_batch(conn: Connection, client: httpx.Client, base: str, review: _Revi
     tasks = [t for t in export_tasks(client, conn, all_tasks=True)
              if isinstance(t, dict) and annotated_label(t, review.control) is None]
     tasks = tasks[:MAX_RANKED_TASKS]
-    if not tasks:
-        return [], 0
+    model = review.predictor.model
+    allowed = [c for c, name in enumerate(model.class_names)
+               if not review.control.choices or name in review.control.choices]
+    if not tasks or not allowed:  # no class the project could show
+        return [], len(tasks)
     images = []
     for t in tasks:
         if review.should_stop():
@@ -169,9 +172,6 @@ def _next_batch(conn: Connection, client: httpx.Client, base: str, review: _Revi
     head = head_posterior_of(review.posterior)
     pool = image_signals(review.predictor, images, should_stop=review.should_stop)
     ranking = select_batch(head, pool, NEXT_BATCH, should_stop=review.should_stop)
-    model = review.predictor.model
-    allowed = [c for c, name in enumerate(model.class_names)
-               if not review.control.choices or name in review.control.choices]
     out = []
     for rank, i in enumerate(ranking.order):
         outputs = pool.outputs[i]
