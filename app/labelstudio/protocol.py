@@ -27,6 +27,8 @@ async def json_body(request: Request) -> dict[str, Any]:
         body = json.loads(await request.body() or b"{}")
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ApiError(422, "the body is not valid JSON", "validation_error") from None
+    except RecursionError:
+        raise ApiError(422, "the body's JSON is nested too deeply", "validation_error") from None
     if not isinstance(body, dict):
         raise ApiError(422, "the body must be a JSON object", "validation_error")
     return body

@@ -147,7 +147,7 @@ async def _names_a_dataset(request: Request) -> bool:
         return False
     try:
         body = json.loads(await request.body())
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deeply
         return False  # parse_image_body says what is wrong
     return isinstance(body, dict) and "dataset_id" in body and "images" not in body
 
