@@ -83,30 +83,58 @@ class LQFSignals:
     outputs: torch.Tensor  # (m, C): the served model's outputs f_lin (before temperature)
 
 
+class SignalNet:
+    """The served LQF model as selection reads it: prefix outputs z -> the head's inputs at
+    w0 (with a 1 for the bias) and the served outputs. Built once, used for every chunk."""
+
+    def __init__(self, lin: LinearizedNet, delta: torch.Tensor):
+        if f"{HEAD}.weight" not in lin.space.names or f"{HEAD}.bias" not in lin.space.names:
+            raise IncompatibleModelError("the model's head is not part of its linearization")
+        self.lin, self.delta = lin, delta
+        self.suffix = cast(nn.Sequential, lin.net)[0]
+
+    @classmethod
+    def of_model(cls, model: TrainedModel, backbone: Backbone, device: torch.device,
+                 dtype: torch.dtype) -> SignalNet:
+        if model.method != Method.LQF:
+            raise InvalidDataError(
+                f"ranking needs an lqf model, this one is {model.method.value}")
+        t = model.tensors
+        _, net = lqf_network(backbone, model.config.suffix, model.config.leaky_slope,
+                             t["head.weight"], t["head.bias"])
+        net.to(device=device, dtype=dtype)
+        lin = LinearizedNet(net)
+        delta = lin.space.flatten({n: t[f"delta.{n}"].to(device, dtype)
+                                   for n in lin.space.names})
+        return cls(lin, delta)
+
+    @classmethod
+    def of_posterior(cls, posterior: LQFPosterior) -> SignalNet:
+        """The posterior's own linearization (no second copy of the network)."""
+        return cls(posterior.lin, posterior.delta)
+
+    def features(self, z: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            phi = self.suffix(z)
+        return torch.cat([phi, torch.ones_like(phi[:, :1])], dim=1)
+
+    def __call__(self, z: torch.Tensor, should_stop: Callable[[], bool] | None = None,
+                 batch_size: int = 256) -> LQFSignals:
+        features, outputs = [], []
+        with torch.no_grad():
+            for sl in batches(z.shape[0], batch_size):
+                _check(should_stop)
+                features.append(self.features(z[sl]))
+                outputs.append(self.lin.forward(z[sl], self.delta))
+        return LQFSignals(torch.cat(features), torch.cat(outputs))
+
+
 def lqf_signals(model: TrainedModel, backbone: Backbone, z: torch.Tensor,
                 should_stop: Callable[[], bool] | None = None,
                 batch_size: int = 256) -> LQFSignals:
     """Head features and served outputs of prefix outputs z (m, ...), on z's device and
     dtype."""
-    if model.method != Method.LQF:
-        raise InvalidDataError(f"ranking needs an lqf model, this one is {model.method.value}")
-    t = model.tensors
-    _, net = lqf_network(backbone, model.config.suffix, model.config.leaky_slope,
-                         t["head.weight"], t["head.bias"])
-    net.to(device=z.device, dtype=z.dtype)
-    lin = LinearizedNet(net)
-    if f"{HEAD}.weight" not in lin.space.names or f"{HEAD}.bias" not in lin.space.names:
-        raise IncompatibleModelError("the model's head is not part of its linearization")
-    delta = lin.space.flatten({n: t[f"delta.{n}"].to(z) for n in lin.space.names})
-    features, outputs = [], []
-    with torch.no_grad():
-        for sl in batches(z.shape[0], batch_size):
-            if should_stop is not None and should_stop():
-                raise Cancelled("stopped while computing the pool's features")
-            phi = net[0](z[sl])
-            features.append(torch.cat([phi, torch.ones_like(phi[:, :1])], dim=1))
-            outputs.append(lin.forward(z[sl], delta))
-    return LQFSignals(torch.cat(features), torch.cat(outputs))
+    return SignalNet.of_model(model, backbone, z.device, z.dtype)(z, should_stop, batch_size)
 
 
 @dataclass(frozen=True)
@@ -279,18 +307,21 @@ POOL_CHUNK = 256
 
 def image_signals(predictor: Predictor, images: Sequence[ImageSource],
                   progress: Callable[[int], None] | None = None,
-                  should_stop: Callable[[], bool] | None = None) -> LQFSignals:
-    """lqf_signals of images (files, bytes), read POOL_CHUNK at a time; `progress(n)`
-    after each chunk, n images done."""
+                  should_stop: Callable[[], bool] | None = None,
+                  net: SignalNet | None = None) -> LQFSignals:
+    """Signals of images (files, bytes), read POOL_CHUNK at a time; `progress(n)` after
+    each chunk, n images done. `net`: the model's SignalNet (built here if not given)."""
     model = predictor.model
     prefix = predictor.backbone.split(model.config.suffix)[0].to(predictor.device).eval()
+    if net is None:
+        net = SignalNet.of_model(model, predictor.backbone, predictor.device, torch.float32)
     parts = []
     for start in range(0, len(images), POOL_CHUNK):
         _check(should_stop)
         chunk = images[start:start + POOL_CHUNK]
         x = torch.stack([predictor.preprocess(open_image(image)) for image in chunk])
-        z = prefix_features(prefix, x, predictor.device, should_stop)
-        parts.append(lqf_signals(model, predictor.backbone, z, should_stop))
+        z = prefix_features(prefix, x, predictor.device, should_stop).to(net.delta)
+        parts.append(net(z, should_stop))
         if progress is not None:
             progress(start + len(chunk))
     return LQFSignals(torch.cat([p.features for p in parts]),
@@ -300,11 +331,9 @@ def image_signals(predictor: Predictor, images: Sequence[ImageSource],
 def head_posterior_of(posterior: LQFPosterior) -> HeadPosterior:
     """The head posterior of an already built LQFPosterior (its training items' prefix
     outputs and served outputs are at hand)."""
-    suffix = cast(nn.Sequential, posterior.lin.net)[0]
     z = posterior.problem.z
-    with torch.no_grad():
-        phi = torch.cat([suffix(z[sl]) for sl in batches(z.shape[0], 256)])
-    features = torch.cat([phi, torch.ones_like(phi[:, :1])], dim=1)
+    net = SignalNet.of_posterior(posterior)
+    features = torch.cat([net.features(z[sl]) for sl in batches(z.shape[0], 256)])
     return HeadPosterior.of(posterior.model, LQFSignals(features, posterior.train_outputs),
                             posterior.labels)
 
@@ -317,9 +346,11 @@ def rank_files(predictor: Predictor, train_files: Sequence[Path], train_labels: 
     order, with their class indices) give the head posterior, then the pool is read in
     chunks. `progress(done, total)` counts images read."""
     total = len(train_files) + len(pool)
+    net = SignalNet.of_model(predictor.model, predictor.backbone, predictor.device,
+                             torch.float32)
     train = image_signals(predictor, train_files, None if progress is None else (
-        lambda n: progress(n, total)), should_stop)
+        lambda n: progress(n, total)), should_stop, net)
     head = HeadPosterior.of(predictor.model, train, torch.tensor(list(train_labels)))
     signals = image_signals(predictor, pool, None if progress is None else (
-        lambda n: progress(len(train_files) + n, total)), should_stop)
+        lambda n: progress(len(train_files) + n, total)), should_stop, net)
     return select_batch(head, signals, batch_size, should_stop)

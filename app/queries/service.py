@@ -41,7 +41,7 @@ from app.errors import ApiError
 from app.models.service import require_lqf
 from app.predict.service import Loaded, PredictorCache
 from app.queries.deadline import Deadline
-from lqf_core.active import HeadPosterior, Ranking, head_posterior_of, lqf_signals, select_batch
+from lqf_core.active import HeadPosterior, Ranking, SignalNet, head_posterior_of, select_batch
 from lqf_core.errors import Cancelled
 from lqf_core.posterior import LQFPosterior
 from lqf_core.review import prefix_features, training_posterior
@@ -117,12 +117,11 @@ class PosteriorEntry:
 
     def rank(self, x: torch.Tensor, batch_size: int, deadline: Deadline) -> Ranking:
         """The images of x to label next (lqf_core.active.select_batch)."""
-        model, backbone = self.posterior.model, self.predictor.backbone
         with self.lock:
             if self._head is None:
                 self._head = head_posterior_of(self.posterior)
             z_pool = self.features(x, deadline).to(self.posterior.problem.z)
-            pool = lqf_signals(model, backbone, z_pool, should_stop=deadline.passed)
+            pool = SignalNet.of_posterior(self.posterior)(z_pool, should_stop=deadline.passed)
             return select_batch(self._head, pool, batch_size, should_stop=deadline.passed)
 
     def self_influence(self, limit: int, deadline: Deadline) -> tuple[list[dict[str, Any]], int]:

@@ -35,7 +35,7 @@ from typing import Any
 import httpx
 import torch
 
-from lqf_core.active import head_posterior_of, image_signals, select_batch
+from lqf_core.active import SignalNet, head_posterior_of, image_signals, select_batch
 from lqf_core.config import Method
 from lqf_core.errors import Cancelled, LQFError
 from lqf_core.posterior import LQFPosterior
@@ -170,7 +170,8 @@ def _next_batch(conn: Connection, client: httpx.Client, base: str, review: _Revi
             raise Cancelled("stopped while fetching the unlabeled tasks' images")
         images.append(fetch_image(client, base, task_image(t, review.control), t.get("id"))[0])
     head = head_posterior_of(review.posterior)
-    pool = image_signals(review.predictor, images, should_stop=review.should_stop)
+    pool = image_signals(review.predictor, images, should_stop=review.should_stop,
+                         net=SignalNet.of_posterior(review.posterior))
     ranking = select_batch(head, pool, NEXT_BATCH, should_stop=review.should_stop)
     out = []
     for rank, i in enumerate(ranking.order):
