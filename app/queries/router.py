@@ -145,8 +145,11 @@ async def _names_a_dataset(request: Request) -> bool:
     """A JSON body with a `dataset_id` (not images)."""
     if not request.headers.get("content-type", "").startswith("application/json"):
         return False
+    raw = await request.body()
+    if b'"dataset_id"' not in raw:  # an image pool is not parsed twice
+        return False
     try:
-        body = json.loads(await request.body())
+        body = json.loads(raw)
     except (ValueError, RecursionError):  # RecursionError: nested too deeply
         return False  # parse_image_body says what is wrong
     return isinstance(body, dict) and "dataset_id" in body and "images" not in body
