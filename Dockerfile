@@ -18,6 +18,7 @@ COPY pyproject.toml README.md ./
 COPY lqf_core ./lqf_core
 COPY app ./app
 COPY worker ./worker
+COPY state ./state
 RUN pip install '.[service]'
 
 RUN useradd --system --uid 10001 --home-dir /srv lqf \

@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.lqf-setup-stamp
 
-.PHONY: setup bench-setup label-studio serve test test-core test-integration lint typecheck compose-config clean
+.PHONY: setup bench-setup label-studio browser-deps serve test test-core test-integration lint typecheck compose-config clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,16 @@ $(LS_STAMP):
 	$(LS_VENV)/bin/python -m pip install --disable-pip-version-check -q label-studio==1.23.2
 	touch $(LS_STAMP)
 
+# axe-core (npm, pinned by tests/browser/package-lock.json) for the dashboard's browser tests;
+# they also need Debian's chromium (`apt-get install -y chromium`; .ci/run does it as root).
+AXE := tests/browser/node_modules/axe-core/axe.min.js
+
+browser-deps: $(AXE)
+
+$(AXE): tests/browser/package-lock.json
+	npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error
+	touch $(AXE)
+
 # Benchmark extras (scikit-learn, laplace-torch, kronfluence) for `python -m bench.*`.
 bench-setup: setup
 	$(PY) -m pip install --disable-pip-version-check -q torch==2.14.1 torchvision==0.29.1 \
@@ -40,13 +50,13 @@ bench-setup: setup
 serve: setup
 	$(PY) -m app.embedded
 
-test: setup label-studio
+test: setup label-studio browser-deps
 	$(PY) -m pytest
 
 test-core: setup
 	$(PY) -m pytest -m "not integration"
 
-test-integration: setup label-studio
+test-integration: setup label-studio browser-deps
 	$(PY) -m pytest -m integration
 
 lint: setup
@@ -62,4 +72,4 @@ compose-config:
 	LQF_API_KEYS=$${LQF_API_KEYS:-ci:placeholder} $(COMPOSE) config -q
 
 clean:
-	rm -rf $(VENV) $(LS_VENV) .pytest_cache .ruff_cache .mypy_cache *.egg-info
+	rm -rf $(VENV) $(LS_VENV) tests/browser/node_modules .pytest_cache .ruff_cache .mypy_cache *.egg-info

@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             f"\nLQF Serve is running\n"
             f"  API:      {base}\n"
             f"  Docs:     {base}/docs\n"
+            f"  Dashboard: {base}/ui   (sign in with the API key)\n"
             f"  API key:  {shown_key}   ({key_note})\n"
             f"  Data:     {data_dir}\n"
             f"  Try:      curl -H 'Authorization: Bearer {shown_key}' {base}/datasets\n"

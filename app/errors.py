@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
@@ -109,24 +109,43 @@ def _json(status: int, detail: object, code: str,
                         headers=headers)
 
 
+# The dashboard's pages (app.ui) answer errors as an HTML page with the same status and
+# message; it registers its renderer here, for paths under its prefix.
+HtmlErrorRenderer = Callable[[Request, int, Any, str], Response]
+HTML_ERROR_PREFIX = "/ui"
+
+
+def _respond(request: Request, status: int, detail: object, code: str,
+             headers: dict[str, str] | None = None) -> Response:
+    renderer: HtmlErrorRenderer | None = getattr(request.app.state, "html_errors", None)
+    path = request.url.path
+    if renderer is not None and (path == HTML_ERROR_PREFIX
+                                 or path.startswith(HTML_ERROR_PREFIX + "/")):
+        response = renderer(request, status, detail, code)
+        response.headers.update(headers or {})
+        return response
+    return _json(status, detail, code, headers)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return _json(exc.status, exc.detail, exc.code, exc.headers)
+    async def _api_error(request: Request, exc: ApiError) -> Response:
+        return _respond(request, exc.status, exc.detail, exc.code, exc.headers)
 
     @app.exception_handler(LQFError)
-    async def _lqf_error(_: Request, exc: LQFError) -> JSONResponse:
+    async def _lqf_error(request: Request, exc: LQFError) -> Response:
         for cls, status, code in _LQF_STATUS:
             if isinstance(exc, cls):
-                return _json(status, str(exc), code)
-        return _json(400, str(exc), "lqf_error")
+                return _respond(request, status, str(exc), code)
+        return _respond(request, 400, str(exc), "lqf_error")
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return _json(422, validation_detail(list(exc.errors())), "validation_error")
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
+        return _respond(request, 422, validation_detail(list(exc.errors())),
+                        "validation_error")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
         code = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
                 413: "too_large"}.get(exc.status_code, "http_error")
         headers = dict(getattr(exc, "headers", None) or {})
@@ -134,10 +153,9 @@ def install_error_handlers(app: FastAPI) -> None:
             # Starlette names the methods of the first route on the path only; FastAPI
             # has one route per method.
             headers["Allow"] = ", ".join(_allowed_methods(request))
-        return JSONResponse(status_code=exc.status_code, headers=headers or None,
-                            content={"detail": exc.detail, "code": code})
+        return _respond(request, exc.status_code, exc.detail, code, headers or None)
 
     @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> Response:
         log.error("unhandled error", exc_info=exc, extra={"path": request.url.path})
-        return _json(500, "internal server error", "internal_error")
+        return _respond(request, 500, "internal server error", "internal_error")

@@ -27,6 +27,7 @@ from app.predict.router import router as predict_router
 from app.predict.service import PredictorCache
 from app.queries.router import router as queries_router
 from app.queries.service import PosteriorCache
+from app.ui.router import install as install_dashboard
 from app.uploads import BodySizeLimit
 from state.logs import configure_logging
 
@@ -88,6 +89,7 @@ def create_app() -> FastAPI:
                    names_router, queries_router, labelstudio_connections,
                    labelstudio_protocol, labelstudio_router):
         app.include_router(router, responses=ERROR_RESPONSES)
+    install_dashboard(app)
     app.add_middleware(BodySizeLimit, limit=settings.max_upload_bytes)
     app.add_middleware(MetricsMiddleware)
     _register_collector(settings)

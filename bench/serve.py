@@ -175,7 +175,8 @@ class Service(LocalService):
 
 
 def train(service: Service, samples: list[tuple[str, bytes]], backbone: str,
-          hyperparameters: dict[str, Any], timeout: float) -> dict[str, Any]:
+          hyperparameters: dict[str, Any], timeout: float,
+          model_name: str | None = None) -> dict[str, Any]:
     """Upload the dataset and run an LQF job through the API -> the model's record."""
     with service.client() as c:
         r = c.post("/datasets", files={"file": ("data.zip", folder_zip(samples),
@@ -184,7 +185,7 @@ def train(service: Service, samples: list[tuple[str, bytes]], backbone: str,
             raise RuntimeError(f"upload failed: {r.status_code} {r.text}")
         body = {"dataset_id": r.json()["id"], "method": "lqf", "backbone": backbone,
                 "hyperparameters": hyperparameters,
-                "seed": 0}
+                "seed": 0, **({"model_name": model_name} if model_name else {})}
         r = c.post("/jobs", json=body)
         if r.status_code != 201:
             raise RuntimeError(f"job refused: {r.status_code} {r.text}")

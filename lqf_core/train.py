@@ -145,6 +145,13 @@ def _held_out_metrics(prefix: str, logits: torch.Tensor, labels: torch.Tensor,
             f"{prefix}_ece": expected_calibration_error(probs, labels)}
 
 
+def _held_out_record(split: str, item_ids: list[str], logits: torch.Tensor) -> dict:
+    """The held-out items' outputs (before the temperature), kept with the model so that
+    a confusion matrix and a reliability diagram can be drawn without recomputing them."""
+    return {"split": split, "item_ids": list(item_ids),
+            "logits": [[round(float(v), 5) for v in row] for row in logits.tolist()]}
+
+
 def load_inputs(images: Sequence[ImageSource] | torch.Tensor, backbone: Backbone,
                 image_size: int, report: Reporter) -> torch.Tensor:
     """Images -> the backbone's preprocessed tensor (n, 3, s, s); tensors pass through."""
@@ -177,12 +184,19 @@ def _train_lqf(backbone: Backbone, z: torch.Tensor, y: torch.Tensor, num_classes
                ) -> tuple[dict, dict, torch.Tensor, torch.Tensor | None]:
     """(tensors, info, training-set logits, leave-one-out logits of the exact solver)."""
     curvature_stage = "gram" if config.solver == Solver.EXACT else "kfac"
+    history: list[dict[str, float]] = []
+
+    def on_step(i: int, metrics: dict[str, float]) -> None:
+        history.append({"iteration": i, **metrics})
+        report("solve", i, config.max_iters, **metrics)
+
     fit = fit_lqf(backbone, z, y, num_classes, config, device,
                   on_kfac=lambda i, n: report(curvature_stage, i, n),
-                  on_step=lambda i, metrics: report("solve", i, config.max_iters, **metrics),
-                  should_stop=report.check_cancel_flag, warm_start=warm_start)
+                  on_step=on_step, should_stop=report.check_cancel_flag, warm_start=warm_start)
     outputs = fit.setup.problem.outputs(fit.delta)
     info = {**fit.info, "train_loss": fit.setup.problem.loss(fit.delta, outputs)}
+    if history:  # the solver's curve, for the dashboard (every iteration, not throttled)
+        info["solver_history"] = history
     tensors = fit.setup.tensors(fit.delta)
     if fit.loo_outputs is not None:
         tensors[LOO_OUTPUTS] = fit.loo_outputs.detach().cpu()
@@ -264,12 +278,18 @@ def train_model(
         probe_config = config.replace(method=Method.LINEAR_PROBE, probe=ProbeKind.LOGISTIC)
         probe = _train_linear_probe(backbone, x_fit, y_fit, num_classes, probe_config,
                                     device, report)
+        epochs: list[dict[str, float]] = []
+
+        def on_epoch(epoch: int, total: int, metrics: dict[str, float]) -> None:
+            epochs.append({"epoch": epoch, **metrics})
+            report("epoch", epoch, total, **metrics)
+
         net = finetune(
             backbone, x_fit, y_fit, x_val, y_val, num_classes, config,
             (probe["head.weight"].to(device), probe["head.bias"].to(device)), device,
-            on_epoch=lambda e, n, m: report("epoch", e, n, **m),
-            should_stop=report.check_cancel_flag, info=info,
+            on_epoch=on_epoch, should_stop=report.check_cancel_flag, info=info,
         )
+        info["epoch_history"] = epochs
         tensors = {f"net.{k}": v.detach().cpu() for k, v in net.state_dict().items()}
 
     model = TrainedModel(Method(config.method), config, list(class_names), tensors, info=info)
@@ -279,12 +299,14 @@ def train_model(
         val_logits = classifier.logits(x_val.to(device)).cpu().double()
         model.temperature = fit_temperature(val_logits, y_val)
         model.metrics.update(_held_out_metrics("val", val_logits, y_val, model.temperature))
+        model.info["heldout"] = _held_out_record("val", info["val_item_ids"], val_logits)
     elif loo_logits is not None:
         # Each item's output from the model trained without it: an honest held-out set
         # of size N, at no extra training.
         loo = loo_logits.cpu().double()
         model.temperature = fit_temperature(loo, y_fit)
         model.metrics.update(_held_out_metrics("loo", loo, y_fit, model.temperature))
+        model.info["heldout"] = _held_out_record("loo", info["train_item_ids"], loo)
     if config.method != Method.LQF:  # LQF has them from the solve, without the prefix
         train_logits = classifier.logits(x_fit.to(device))
     model.metrics["train_accuracy"] = accuracy(train_logits.cpu(), y_fit)

@@ -108,7 +108,10 @@ class ProgressReporter:
         done = p.total > 0 and p.step >= p.total
         if not (new_stage or done or now - self._last_write >= 0.5):
             return
-        event = new_stage or done or now - self._last_event >= 2.0
+        # A step that carries metrics (a solver iteration, an epoch) is a point of the
+        # job's live curve, so it is an event too (still at most one per 0.5 s).
+        curve_point = bool(p.metrics) and p.stage in {"solve", "epoch"}
+        event = new_stage or done or curve_point or now - self._last_event >= 2.0
         progress = {
             "step": int(p.step),
             "total": int(p.total),
