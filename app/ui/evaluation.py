@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lqf_core.calibration import expected_calibration_error
+
 RELIABILITY_BINS = 10
 
 
@@ -18,26 +20,25 @@ class Evaluation:
     confusion: list[list[int]]  # [true][predicted]
     per_class_accuracy: list[float | None]
     bins: list[dict]
-    ece: float
+    ece: float  # 15 equal-width bins, as lqf_core.calibration (the diagram draws 10)
     accuracy: float
     count: int
 
 
 def reliability_bins(probs: torch.Tensor, labels: torch.Tensor,
-                     n_bins: int = RELIABILITY_BINS) -> tuple[list[dict], float]:
-    """Equal-width confidence bins -> ([{lo, hi, count, confidence, accuracy}], ECE)."""
+                     n_bins: int = RELIABILITY_BINS) -> list[dict]:
+    """Equal-width confidence bins for the diagram: [{lo, hi, count, confidence, accuracy}]."""
     confidence, predicted = probs.max(dim=1)
     correct = (predicted == labels).double()
-    bins, ece, n = [], 0.0, max(len(labels), 1)
+    bins = []
     for b in range(n_bins):
         lo, hi = b / n_bins, (b + 1) / n_bins
         inside = (confidence > lo) & (confidence <= hi) if b else (confidence <= hi)
         count = int(inside.sum())
         conf = float(confidence[inside].mean()) if count else 0.0
         acc = float(correct[inside].mean()) if count else 0.0
-        ece += count / n * abs(acc - conf)
         bins.append({"lo": lo, "hi": hi, "count": count, "confidence": conf, "accuracy": acc})
-    return bins, ece
+    return bins
 
 
 def evaluate(heldout: dict, labels: Sequence[int], classes: list[str],
@@ -57,6 +58,8 @@ def evaluation_of(split: str, probs: torch.Tensor, y: torch.Tensor,
     confusion.index_put_((y, predicted), torch.ones_like(y), accumulate=True)
     totals = confusion.sum(dim=1)
     per_class = [float(confusion[k, k] / totals[k]) if totals[k] else None for k in range(c)]
-    bins, ece = reliability_bins(probs, y)
-    return Evaluation(split, classes, confusion.tolist(), per_class, bins, ece,
+    # The ECE the training job reports (15 bins), so that the page agrees with the metrics.
+    ece = expected_calibration_error(probs, y) if len(y) else 0.0
+    return Evaluation(split, classes, confusion.tolist(), per_class, reliability_bins(probs, y),
+                      ece,
                       float((predicted == y).double().mean()) if len(y) else 0.0, len(y))

@@ -186,6 +186,7 @@ async def try_image(request: Request, model_ref: str, session: UiSession, store:
                 for item in influence[side]:
                     item["thumbnail"] = item_image_url(entry.dataset_id, item["item_id"])
             result["influence"] = influence
+            result["influence_solver"] = entry.solver
         except ApiError as exc:
             if exc.code not in QUERY_UNAVAILABLE:
                 raise

@@ -67,3 +67,28 @@ def test_corrupt_or_foreign_artifacts_fail_clearly(tmp_path, data):
         load_model(tmp_path)
     with pytest.raises(IncompatibleModelError, match="not a saved model"):
         load_model(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("method", ["lqf", "finetune"])
+def test_the_model_keeps_its_curve_and_its_held_out_outputs(data, method):
+    """What the dashboard draws: every solver iteration (or epoch), and the held-out
+    items' outputs, which must be the served model's own."""
+    images, labels, names = data
+    model = train_model(images, labels, names, TrainConfig.from_dict({**FAST, "method": method}))
+    if method == "lqf":
+        history = model.info["solver_history"]
+        assert [h["iteration"] for h in history] == list(range(1, len(history) + 1))
+        assert len(history) == model.info["solver_iterations"]
+        assert history[-1]["relative_grad_norm"] == pytest.approx(
+            model.info["relative_grad_norm"], rel=0.5)  # the recursive estimate vs the true one
+    else:
+        epochs = model.info["epoch_history"]
+        assert [e["epoch"] for e in epochs] == list(range(1, model.info["epochs_run"] + 1))
+        assert all({"train_loss", "val_accuracy"} <= set(e) for e in epochs)
+    heldout = model.info["heldout"]
+    assert heldout["split"] == "val" and heldout["item_ids"] == model.info["val_item_ids"]
+    predictor = Predictor(model, device="cpu")
+    x = torch.stack([predictor.preprocess(images[int(i)]) for i in heldout["item_ids"]])
+    logits = torch.tensor(heldout["logits"], dtype=torch.float64)
+    probs = torch.softmax(logits / model.temperature, dim=1).numpy()
+    assert np.allclose(probs, predictor.predict_batch(x), atol=1e-4)

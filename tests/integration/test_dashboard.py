@@ -104,29 +104,56 @@ def test_sign_in_refuses_a_wrong_key_sets_a_strict_cookie_and_signs_out(tab: Tab
     assert tab.errors == [e for e in tab.errors if "401" in e]  # only the refused sign-in
 
 
-def test_state_changing_forms_need_the_session_csrf_token(service: Any,
-                                                          lqf_model: dict[str, Any]) -> None:
+def _signed_in(c: httpx.Client, tenant: str = "alice", **headers: str) -> httpx.Response:
+    login = c.get("/ui/login")
+    token = re.search(r'name="csrf_token" value="([^"]+)"', login.text).group(1)
+    return c.post("/ui/login", data={"api_key": KEYS[tenant], "csrf_token": token,
+                                     "next": "//evil.example/ui"}, headers=headers)
+
+
+def test_state_changing_forms_need_the_session_csrf_token(
+        service: Any, lqf_model: dict[str, Any], shapes_dataset: dict[str, Any]) -> None:
     with httpx.Client(base_url=service.base_url, timeout=30) as c:
-        login = c.get("/ui/login")
-        token = re.search(r'name="csrf_token" value="([^"]+)"', login.text).group(1)
         # The login form itself is double-submit protected.
+        c.get("/ui/login")
         assert c.post("/ui/login", data={"api_key": KEYS["alice"], "csrf_token": "x"}
                       ).status_code == 403
-        r = c.post("/ui/login", data={"api_key": KEYS["alice"], "csrf_token": token})
+        r = _signed_in(c)
         assert r.status_code == 303 and "lqf_session" in r.cookies
-        page = c.get(f"/ui/models/{lqf_model['id']}/review")
-        assert page.status_code == 200
-        for data in ({"item_id": "0"}, {"item_id": "0", "csrf_token": "wrong"}):
-            r = c.post(f"/ui/models/{lqf_model['id']}/forget", data=data)
-            assert r.status_code == 403 and "CSRF" in r.text
-            assert "text/html" in r.headers["content-type"]
-        assert c.get(f"/models/{lqf_model['id']}").status_code == 401  # the API wants Bearer
-        # The excluded list did not change: no forget job was queued by the refused forms.
+        assert r.headers["location"] == "/ui"  # never an open redirect
+        cookie = r.headers["set-cookie"].lower()
+        assert "httponly" in cookie and "samesite=strict" in cookie and "secure" not in cookie
+        assert "default-src 'self'" in c.get("/ui").headers["content-security-policy"]
+
+        model, dataset = lqf_model["id"], shapes_dataset["id"]
         with service.client("alice") as api:
-            jobs = api.get("/jobs", params={"limit": 1000}).json()["items"]
-            assert not [j for j in jobs if j["kind"] == "forget"
-                        and j.get("parent_model_id") == lqf_model["id"]
-                        and j.get("forget_item_ids") == [0]]
+            before = {j["id"] for j in api.get("/jobs", params={"limit": 1000}).json()["items"]}
+            datasets_before = api.get("/datasets", params={"limit": 1000}).json()["total"]
+        forms = [  # every form that changes state, without its token and with a wrong one
+            ("/ui/datasets", {"name": "x"}, {"file": ("d.zip", b"PK", "application/zip")}),
+            (f"/ui/datasets/{dataset}/train", {"method": "lqf"}, None),
+            (f"/ui/jobs/{lqf_model['job_id']}/cancel", {}, None),
+            (f"/ui/models/{model}/forget", {"item_id": "0"}, None),
+            (f"/ui/models/{model}/review/crossfit", {}, None),
+            (f"/ui/models/{model}/next", {"dataset_id": dataset}, None),
+            ("/ui/logout", {}, None),
+        ]
+        for path, data, files in forms:
+            for token in ({}, {"csrf_token": "wrong"}):
+                r = c.post(path, data={**data, **token}, files=files)
+                assert r.status_code == 403 and "CSRF" in r.text, (path, r.status_code)
+                assert "text/html" in r.headers["content-type"]
+        assert c.get("/ui/models").status_code == 200  # still signed in: logout was refused
+        assert c.get(f"/models/{model}").status_code == 401  # the API wants Bearer
+        with service.client("alice") as api:  # nothing was started or written
+            after = {j["id"] for j in api.get("/jobs", params={"limit": 1000}).json()["items"]}
+            assert after == before
+            assert api.get("/datasets", params={"limit": 1000}).json()["total"] == \
+                datasets_before
+
+    with httpx.Client(base_url=service.base_url, timeout=30) as c:  # behind a TLS proxy
+        r = _signed_in(c, **{"X-Forwarded-Proto": "https"})
+        assert "secure" in r.headers["set-cookie"].lower()
 
 
 def test_another_tenant_sees_none_of_it(browser_setup: tuple[Any, str], service: Any,
@@ -187,6 +214,10 @@ def test_every_page_loads_clean_and_accessible(browser_setup: tuple[Any, str], t
         assert violations == [], (path, violations)
         page.screenshot(path=shots / f"{name}.png", full_page=True)
     assert tab.errors == []
+    # The check can fail: an input stripped of its label is a serious violation.
+    page.goto("/ui/datasets")
+    page.evaluate("() => document.querySelector('label[for=name]').remove()")
+    assert "label" in {v["id"] for v in serious_violations(page, axe_source)}
 
     # Keyboard: the first Tab reaches the skip link, which moves focus to the content.
     page.goto("/ui/models")
