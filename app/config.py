@@ -58,6 +58,13 @@ class Settings(CommonSettings):
     # started it, up to this; requests meanwhile get a 503 with Retry-After.
     posterior_build_timeout_s: float = 900.0
 
+    # Per tenant (app/limits.py); 0 turns a limit off. The request rate is counted by each
+    # API process; the burst defaults to twice the rate.
+    tenant_requests_per_s: float = 0.0
+    tenant_request_burst: float = 0.0
+    tenant_max_unfinished_jobs: int = 32
+    tenant_max_stored_bytes: int = 100 * 1024**3
+
     def tenant_keys(self) -> dict[str, str]:
         """key -> tenant, from LQF_API_KEYS."""
         out: dict[str, str] = {}

@@ -14,6 +14,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.config import Settings, get_settings
 from app.errors import ApiError
+from app.limits import admit_request
 from state.artifacts import ArtifactStore
 from state.jobstore import JobStore
 
@@ -70,7 +71,9 @@ async def get_tenant(
 ) -> str:
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise ApiError(401, "missing 'Authorization: Bearer <api key>' header", "unauthorized")
-    return tenant_for_key(credentials.credentials, settings)
+    tenant = tenant_for_key(credentials.credentials, settings)
+    admit_request(tenant, settings)
+    return tenant
 
 
 async def get_tenant_bearer_or_basic(
@@ -78,6 +81,12 @@ async def get_tenant_bearer_or_basic(
 ) -> str:
     """Bearer <key>, or HTTP basic auth with the API key as the password: what Label
     Studio's ML-backend connection can send."""
+    tenant = _bearer_or_basic(request, settings)
+    admit_request(tenant, settings)
+    return tenant
+
+
+def _bearer_or_basic(request: Request, settings: Settings) -> str:
     scheme, _, value = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return tenant_for_key(value.strip(), settings)

@@ -58,6 +58,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (413, "the body or an image is over its limit"),
         (415, "a content type the route does not take"),
         (422, "invalid input, named in `detail`"),
+        (429, "over a per-tenant limit (request rate, unfinished jobs), named in `detail`, "
+              "with Retry-After"),
     )}
 
 # OpenAPI `responses` of a route whose closed-form part runs under LQF_QUERY_TIMEOUT_S.

@@ -28,6 +28,16 @@ from state.ids import is_valid_id
 from state.records import DatasetManifest, DatasetSummary, ModelRecord
 
 
+def directory_bytes(path: Path) -> int:
+    """The size of every file under `path` (0 if it is gone)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
 def read_json(path: Path) -> Any:
     with open(path, encoding="utf-8") as fh:
         return json.load(fh)
@@ -125,6 +135,18 @@ class ArtifactStore:
         write_json(directory / "manifest.json", manifest.to_json())
         write_json(directory / "dataset.json", summary)
         return summary
+
+    def tenant_stored_bytes(self, tenant: str) -> int:
+        """What the tenant's datasets and models take on disk (per-tenant storage limit).
+        A dataset records its size as it is written; older ones are measured."""
+        total = 0
+        for meta in self.list_dataset_metas(tenant):
+            recorded = meta.get("stored_bytes")
+            total += int(recorded) if isinstance(recorded, int) else \
+                directory_bytes(self.dataset_dir(meta["id"]))
+        for record in self.list_model_records(tenant):
+            total += directory_bytes(self.model_dir(record["id"]))
+        return total
 
     def list_dataset_metas(self, tenant: str) -> list[DatasetSummary]:
         return cast(list[DatasetSummary], self._list(self.datasets, "dataset.json", tenant))

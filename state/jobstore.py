@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
 
@@ -149,8 +150,11 @@ class JobStore:
         fields: dict[str, Any],
         idempotency_key: str | None = None,
         fingerprint: str = "",
+        admit: Callable[[], None] | None = None,
     ) -> tuple[dict[str, Any], bool]:
-        """Store a new queued job -> (job, created). An idempotent retry returns the old job."""
+        """Store a new queued job -> (job, created). An idempotent retry returns the old job.
+        `admit` runs before a new job is stored (a limit check that may raise); a retry
+        is never refused by it."""
         job_id = new_id("job")
         if idempotency_key:
             idem = _k("idem", tenant, idempotency_key)
@@ -165,6 +169,13 @@ class JobStore:
                     return job, False
                 # The key outlived its job record (should not happen): treat as new.
                 self.r.set(idem, value, ex=IDEMPOTENCY_TTL_S)
+        if admit is not None:
+            try:
+                admit()
+            except BaseException:
+                if idempotency_key:  # refused: the key may be used again
+                    self.r.delete(_k("idem", tenant, idempotency_key))
+                raise
         now = time.time()
         record = {
             "id": job_id,
@@ -192,6 +203,15 @@ class JobStore:
     def get(self, job_id: str) -> dict[str, Any] | None:
         raw = self.r.hgetall(_k("job", job_id))
         return _decode(raw) if raw else None
+
+    def count_unfinished(self, tenant: str) -> int:
+        """The tenant's jobs that are queued, running or cancelling."""
+        pipe = self.r.pipeline()
+        for job_id in self.list_ids(tenant):
+            pipe.hget(_k("job", job_id), "status")
+        terminal = {s.value for s in TERMINAL}
+        return sum(1 for status in pipe.execute() if status is not None
+                   and status not in terminal)
 
     def list_ids(self, tenant: str) -> list[str]:
         return list(self.r.zrevrange(_k("tenant", tenant, "jobs"), 0, -1))

@@ -32,6 +32,7 @@ class DatasetSummary(TypedDict, total=False):
     num_items: int
     classes: list[str]
     class_counts: dict[str, int]
+    stored_bytes: int  # the directory's size when last written (per-tenant storage limit)
 
 
 class ModelRecord(TypedDict, total=False):

@@ -10,7 +10,8 @@ from typing import IO, Any
 from app.config import Settings
 from app.datasets.archive import Limits, extract, open_zip, scan
 from app.errors import ApiError, not_found
-from state.artifacts import ArtifactStore, read_json
+from app.limits import admit_bytes
+from state.artifacts import ArtifactStore, directory_bytes, read_json
 from state.ids import new_id, utc_now
 from state.records import DatasetManifest, DatasetSummary, ManifestItem
 
@@ -30,6 +31,7 @@ def create(store: ArtifactStore, settings: Settings, tenant: str, upload: IO[byt
            name: str) -> tuple[DatasetSummary, list[str]]:
     with open_zip(upload) as zf:
         entries, ignored = scan(zf, _limits(settings))
+        admit_bytes(store, settings, tenant, sum(e.info.file_size for e in entries))
         classes = sorted({e.label for e in entries})
         if len(classes) < 2:
             raise ApiError(422, f"a dataset needs at least 2 classes, found {len(classes)} "
@@ -39,7 +41,8 @@ def create(store: ArtifactStore, settings: Settings, tenant: str, upload: IO[byt
         try:
             items = extract(zf, entries, staging / "images", first_id=0)
             meta = store.write_dataset(staging, DatasetManifest.new(items), {
-                "id": dataset_id, "name": name, "tenant": tenant, "created_at": utc_now()})
+                "id": dataset_id, "name": name, "tenant": tenant, "created_at": utc_now(),
+                "stored_bytes": directory_bytes(staging)})
             store.commit(staging, store.dataset_dir(dataset_id))
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -52,6 +55,7 @@ def append(store: ArtifactStore, settings: Settings, tenant: str, dataset_id: st
     get_meta(store, tenant, dataset_id)
     with open_zip(upload) as zf:
         entries, ignored = scan(zf, _limits(settings))
+        admit_bytes(store, settings, tenant, sum(e.info.file_size for e in entries))
         root = store.dataset_dir(dataset_id)
         with store.dataset_lock(dataset_id):
             manifest = store.manifest(dataset_id)
@@ -69,7 +73,8 @@ def append(store: ArtifactStore, settings: Settings, tenant: str, dataset_id: st
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
             manifest.append(added)
-            meta = store.write_dataset(root, manifest, store.dataset_meta(dataset_id) or {})
+            meta = store.write_dataset(root, manifest, {
+                **(store.dataset_meta(dataset_id) or {}), "stored_bytes": directory_bytes(root)})
     return meta, added, ignored
 
 

@@ -15,6 +15,7 @@ from app.config import Settings
 from app.datasets.service import exclude
 from app.errors import ApiError, not_found
 from app.jobs.schemas import JobCreate
+from app.limits import admit_bytes, admit_job
 from app.models.service import get_record
 from lqf_core.artifacts import read_metadata
 from lqf_core.backbones import check_backbone
@@ -40,7 +41,8 @@ def create_job(jobs: JobStore, settings: Settings, tenant: str, kind: JobKind,
     """Store a queued job of `kind` and queue its task -> (job, created). A retry with the
     same key returns the existing job; `before_enqueue` runs once, for a new job only."""
     try:
-        job, created = jobs.create(tenant, kind, fields, idempotency_key, request_fingerprint)
+        job, created = jobs.create(tenant, kind, fields, idempotency_key, request_fingerprint,
+                                   admit=lambda: admit_job(jobs, settings, tenant))
     except IdempotencyConflict:
         raise ApiError(409, "this Idempotency-Key was already used with a different request",
                        "idempotency_conflict") from None
@@ -81,6 +83,8 @@ def create_training(jobs: JobStore, store: ArtifactStore, settings: Settings, te
     if store.tenant_dataset(tenant, body.dataset_id) is None:
         raise not_found("dataset", body.dataset_id)
     validate(body, settings)
+    # A tenant already over its storage gets no new model (forgetting is never refused).
+    admit_bytes(store, settings, tenant, 0)
     if body.model_name is not None:
         try:
             check_name(body.model_name)

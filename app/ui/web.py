@@ -10,8 +10,9 @@ from fastapi import Depends, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 
-from app.deps import Jobs
+from app.deps import Jobs, SettingsDep
 from app.errors import ApiError
+from app.limits import admit_request
 from app.ui.sessions import SESSION_COOKIE, Session, SessionStore
 
 HERE = Path(__file__).parent
@@ -41,11 +42,12 @@ def session_store(jobs: Jobs) -> SessionStore:
     return SessionStore(jobs.r)
 
 
-def current_session(request: Request, jobs: Jobs) -> Session:
+def current_session(request: Request, jobs: Jobs, settings: SettingsDep) -> Session:
     session = session_store(jobs).get(request.cookies.get(SESSION_COOKIE))
     if session is None:
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         raise LoginRequired(target)
+    admit_request(session.tenant, settings)
     return session
 
 
