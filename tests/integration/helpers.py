@@ -44,3 +44,25 @@ LONG_JOB = {"method": "finetune",
             "hyperparameters": {**FAST_TINY, "epochs": 5000, "patience": 5000}}
 
 
+
+
+def ui_sign_in(client: httpx.Client, tenant: str, next_path: str = "/ui",
+               **headers: str) -> httpx.Response:
+    """Sign a plain HTTP client in to the dashboard (its login form's double-submit
+    token first) -> the login response; the client then holds the session cookie."""
+    import re
+
+    login = client.get("/ui/login")
+    match = re.search(r'name="csrf_token" value="([^"]+)"', login.text)
+    assert match, login.text[:300]
+    return client.post("/ui/login", data={"api_key": KEYS[tenant], "csrf_token": match.group(1),
+                                           "next": next_path}, headers=headers)
+
+
+def ui_csrf(client: httpx.Client) -> str:
+    """The signed-in session's CSRF token, from a page's forms."""
+    import re
+
+    match = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/ui").text)
+    assert match
+    return match.group(1)

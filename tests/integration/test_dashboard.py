@@ -20,7 +20,7 @@ import pytest
 from .browser import CHROMIUM_ARGS, REQUIRED, require_browser, serious_violations
 from .datagen import make_image
 from .firefox import Firefox, firefox_path
-from .helpers import FINAL, KEYS, LONG_JOB, submit, wait_job
+from .helpers import FINAL, KEYS, LONG_JOB, submit, ui_sign_in, wait_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -104,13 +104,6 @@ def test_sign_in_refuses_a_wrong_key_sets_a_strict_cookie_and_signs_out(tab: Tab
     assert tab.errors == [e for e in tab.errors if "401" in e]  # only the refused sign-in
 
 
-def _signed_in(c: httpx.Client, tenant: str = "alice", **headers: str) -> httpx.Response:
-    login = c.get("/ui/login")
-    token = re.search(r'name="csrf_token" value="([^"]+)"', login.text).group(1)
-    return c.post("/ui/login", data={"api_key": KEYS[tenant], "csrf_token": token,
-                                     "next": "//evil.example/ui"}, headers=headers)
-
-
 def test_state_changing_forms_need_the_session_csrf_token(
         service: Any, lqf_model: dict[str, Any], shapes_dataset: dict[str, Any]) -> None:
     with httpx.Client(base_url=service.base_url, timeout=30) as c:
@@ -118,7 +111,7 @@ def test_state_changing_forms_need_the_session_csrf_token(
         c.get("/ui/login")
         assert c.post("/ui/login", data={"api_key": KEYS["alice"], "csrf_token": "x"}
                       ).status_code == 403
-        r = _signed_in(c)
+        r = ui_sign_in(c, "alice", "//evil.example/ui")
         assert r.status_code == 303 and "lqf_session" in r.cookies
         assert r.headers["location"] == "/ui"  # never an open redirect
         cookie = r.headers["set-cookie"].lower()
@@ -152,7 +145,7 @@ def test_state_changing_forms_need_the_session_csrf_token(
                 datasets_before
 
     with httpx.Client(base_url=service.base_url, timeout=30) as c:  # behind a TLS proxy
-        r = _signed_in(c, **{"X-Forwarded-Proto": "https"})
+        r = ui_sign_in(c, "alice", **{"X-Forwarded-Proto": "https"})
         assert "secure" in r.headers["set-cookie"].lower()
 
 

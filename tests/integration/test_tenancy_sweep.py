@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from .datagen import folder_zip, make_samples
-from .helpers import FINAL, submit, wait_job
+from .helpers import FINAL, submit, ui_csrf, ui_sign_in, wait_job
 
 pytestmark = pytest.mark.integration
 
@@ -111,3 +111,62 @@ def test_every_route_but_the_open_ones_needs_a_key(service, alices):
             assert r.status_code == 401, (method, path, r.status_code, r.text[:200])
         for path in OPEN:
             assert anonymous.get(path).status_code in (200, 503), path
+
+
+# -- the dashboard (/ui): not in the published schema, so its routers are read directly --
+def dashboard_routes() -> list[tuple[str, str]]:
+    from app.ui import auth_routes, data_routes, model_routes
+
+    return [(route.path, method.lower())
+            for module in (auth_routes, data_routes, model_routes)
+            for route in module.router.routes for method in getattr(route, "methods", ())]
+
+
+def dashboard_request(path: str, method: str, ids: dict[str, Any], csrf: str) -> dict[str, Any]:
+    url = path.format(model_ref=ids["model_id"], dataset_id=ids["dataset_id"],
+                      item_id=ids["item_id"], job_id=ids["job_id"])
+    if method != "post":
+        return {"method": "GET", "url": url}
+    png = make_samples(1, seed=5)[0][1]
+    data: dict[str, Any] = {"csrf_token": csrf, "item_id": str(ids["item_id"]),
+                            "dataset_id": ids["dataset_id"], "method": "lqf"}
+    files = {"file": ("x.png", png, "image/png")} if path.endswith("/try") else None
+    return {"method": "POST", "url": url, "data": data, "files": files}
+
+
+def test_the_dashboard_hides_another_tenants_things(service, alices, alice):
+    excluded_before = excluded_items(alice, alices["dataset_id"])
+    with httpx.Client(base_url=service.base_url, timeout=60) as bob_ui:
+        assert ui_sign_in(bob_ui, "bob").status_code == 303
+        csrf = ui_csrf(bob_ui)
+        swept = 0
+        for path, method in dashboard_routes():
+            if "{" not in path:
+                continue
+            r = bob_ui.request(**dashboard_request(path, method, alices, csrf))
+            assert r.status_code == 404, (method, path, r.status_code, r.text[:300])
+            swept += 1
+        assert swept >= 15
+        for path in ("/ui", "/ui/datasets", "/ui/jobs", "/ui/models"):
+            page = bob_ui.get(path).text
+            # Ids appear in full in every link, so a leak would show one.
+            assert not {alices["dataset_id"], alices["model_id"], alices["job_id"],
+                        alices["name"]} & _words(page), path
+    assert excluded_items(alice, alices["dataset_id"]) == excluded_before
+    assert alice.get(f"/names/{alices['name']}").json()["current"] == 1
+
+
+def _words(html: str) -> set[str]:
+    import re
+
+    return set(re.findall(r"[A-Za-z0-9_-]+", html))
+
+
+def test_the_dashboard_without_a_session_sends_to_sign_in(service, alices):
+    with httpx.Client(base_url=service.base_url, timeout=30) as anonymous:
+        for path, method in dashboard_routes():
+            if path == "/ui/login":
+                continue
+            r = anonymous.request(**dashboard_request(path, method, alices, "x"))
+            assert r.status_code == 303, (method, path, r.status_code)
+            assert r.headers["location"].startswith("/ui/login?next="), path
