@@ -101,4 +101,6 @@ def get_item_image(dataset_id: str, item_id: int, tenant: Tenant,
                    store: Artifacts) -> FileResponse:
     path = service.item_file(store, tenant, dataset_id, item_id)
     media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    return FileResponse(path, media_type=media_type)
+    # nosniff: a browser never renders an uploaded file as anything but its image type.
+    return FileResponse(path, media_type=media_type,
+                        headers={"X-Content-Type-Options": "nosniff"})

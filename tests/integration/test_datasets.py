@@ -110,6 +110,13 @@ BAD_UPLOADS = {
     "image outside class folders": (lambda: _with({"stray.png": make_samples(1, 8)[0][1]}),
                                     422, "missing_label"),
     "no images": (lambda: zip_of({"readme.txt": b"hello"}), 422, "no_images"),
+    "truncated image": (lambda: _with({"red_square/cut.png": make_samples(1, 9)[0][1][:60]}),
+                        422, "invalid_data"),
+    "HTML named .png": (lambda: _with({"red_square/page.png": b"<html><script>alert(1)"
+                                                              b"</script></html>"}),
+                        422, "invalid_data"),
+    "10,000 tiny files": (lambda: zip_of({f"red_square/{i}.png": b"" for i in range(10_000)}),
+                          413, "too_many_files"),
 }
 
 
@@ -125,6 +132,41 @@ def test_bad_uploads_get_a_precise_4xx_and_store_nothing(alice, service, case):
     assert "Traceback" not in r.text
     assert stored(service) == before
     assert alice.get("/datasets").json()["total"] == total
+
+
+def test_polyglots_odd_names_and_wrong_content_types(alice, service):
+    """What is an image is stored and served only as one; names in a zip's legacy
+    encoding (cp437, no UTF-8 flag) are read as the zip standard says; a body that is not
+    multipart is a 4xx."""
+    png = make_samples(1, seed=10)[0][1]
+    polyglot = png + b"<html><script>alert(1)</script></html>" + folder_zip(make_samples(1, 11))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as zf:
+        for i, (label, data) in enumerate(make_samples(2, seed=12)):
+            zf.writestr(f"{label}/{i}.png", data)
+        zf.writestr("red_square/poly.png", polyglot)
+        zf.writestr("blue_bar/cafX.png", png)
+    # A legacy name: the byte 0x82 without the UTF-8 flag, which cp437 reads as "é"
+    # (Python's zipfile would set the flag for a non-ASCII name, so the bytes are patched).
+    archive = out.getvalue().replace(b"cafX.png", b"caf\x82.png")
+    r = upload(alice, archive)
+    assert r.status_code == 201, r.text
+    items = alice.get(f"/datasets/{r.json()['id']}/items").json()["items"]
+    names = {it["filename"]: it["id"] for it in items}
+    assert "café.png" in {n.rsplit("/", 1)[-1] for n in names}
+    poly = next(i for n, i in names.items() if n.endswith("poly.png"))
+    image = alice.get(f"/datasets/{r.json()['id']}/items/{poly}/image")
+    assert image.headers["content-type"] == "image/png"
+    assert image.headers["x-content-type-options"] == "nosniff"  # never rendered as HTML
+    assert alice.delete(f"/datasets/{r.json()['id']}").status_code == 204
+
+    before = stored(service)
+    for headers, content in (({"Content-Type": "application/json"}, b'{"file": "x"}'),
+                             ({"Content-Type": "text/plain"}, b"hello"),
+                             ({"Content-Type": "multipart/form-data; boundary=x"}, b"--x--")):
+        r = alice.post("/datasets", content=content, headers=headers)
+        assert 400 <= r.status_code < 500, (headers, r.status_code, r.text)
+    assert stored(service) == before
 
 
 def test_bad_append_leaves_dataset_unchanged(alice):

@@ -48,6 +48,11 @@ def label_studio(samples) -> Iterator[list[str]]:
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             seen_tokens.append(self.headers.get("Authorization", ""))
+            if self.path == "/data/upload/1/redirect.png":  # a file that points elsewhere
+                self.send_response(302)
+                self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
+                self.end_headers()
+                return
             body = files.get(self.path)
             ok = self.headers.get("Authorization") == f"Token {LABEL_STUDIO_TOKEN}"
             self.send_response(200 if body is not None and ok else 404 if ok else 401)
@@ -139,8 +144,18 @@ def test_predict_keeps_to_the_projects_choices(alice, lqf_model, samples):
       "label_config": label_config(["a"])}, "not on LQF_LABEL_STUDIO_URL"),
     ({"tasks": [{"id": 5, "data": {"picture": "data:image/png;base64,bm90IGFuIGltYWdl"}}],
       "label_config": label_config(["a"])}, "task 5"),
+    # Hostile URLs: only Label Studio's own origin is fetched, and redirects are not followed.
+    *[({"tasks": [{"id": 6, "data": {"picture": url}}], "label_config": label_config(["a"])},
+       "not on LQF_LABEL_STUDIO_URL") for url in (
+        "http://127.0.0.1:1/data/x.png", "http://[::1]/data/x.png", "file:///etc/passwd",
+        "//evil.example/data/x.png", "http://localhost/latest/meta-data",
+        f"http://127.0.0.1:{LABEL_STUDIO_PORT}@evil.example/x.png",
+        "gopher://127.0.0.1:6379/_INFO")],
+    ({"tasks": [{"id": 7, "data": {"picture": "/data/upload/1/redirect.png"}}],
+      "label_config": label_config(["a"])}, "answered HTTP 302"),
 ])
-def test_bad_predict_calls_get_a_422_naming_the_problem(alice, lqf_model, body, fragment):
+def test_bad_predict_calls_get_a_422_naming_the_problem(alice, lqf_model, label_studio, body,
+                                                       fragment):
     r = alice.post(f"{base(lqf_model)}/predict", json=body)
     assert r.status_code == 422, r.text
     assert fragment in r.json()["detail"]
