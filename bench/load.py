@@ -209,9 +209,11 @@ async def soak_phase(traffic: Traffic, service: Service, seconds: float) -> dict
                 rss_mb(p) for p in children(worker_pid))))
             await asyncio.sleep(5)
 
-    errors_before = len(traffic.errors)
+    errors_before, counts_before = len(traffic.errors), dict(traffic.counts)
     await asyncio.gather(sampler(), side(), *(predictor() for _ in range(8)))
     out: dict[str, Any] = {"seconds": seconds, "errors": len(traffic.errors) - errors_before,
+                           "counts": {k: v - counts_before.get(k, 0)
+                                      for k, v in traffic.counts.items()},
                            "first_errors": traffic.errors[errors_before:errors_before + 5]}
     for name, samples in series.items():
         steady = [(t, v) for t, v in samples if t >= 60] or samples
