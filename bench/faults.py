@@ -6,6 +6,7 @@
 Faults (each round injects one at a random moment, then lets the service recover):
   worker     SIGKILL the worker mid-job, start a new one
   redis      SIGKILL redis-server mid-job (AOF on, as `make serve` runs it), restart it
+             after 0.5-3 s (with the default 30 s lease; the other faults use a 3 s one)
   api-upload SIGKILL the API while a 2,000-image upload is sent or extracted, restart it
   api-predict SIGKILL the API mid-/predict (64 images), restart it
   inference  SIGKILL an inference child process of the API mid-/predict
@@ -49,7 +50,7 @@ from tests.integration.datagen import make_samples
 
 FINAL = {"succeeded", "failed", "cancelled"}
 JOB = {"method": "finetune", "backbone": "tiny_cnn",
-       "hyperparameters": {"image_size": 32, "epochs": 40, "patience": 1000}}
+       "hyperparameters": {"image_size": 32, "epochs": 2000, "patience": 10000}}  # ~5-10 s
 
 
 def zip_of(samples: list[tuple[str, bytes]]) -> bytes:
@@ -90,7 +91,7 @@ def store_problems(data_dir: Path) -> list[str]:
 class Bench:
     def __init__(self, service: Service, rng: random.Random):
         self.s, self.rng = service, rng
-        self.c = service.client(timeout=120)
+        self.c = service.client()
         self.dataset_id = self._upload(zip_of(make_samples(6, seed=1)))
 
     def _upload(self, data: bytes) -> str:
@@ -144,11 +145,13 @@ class Bench:
         job = self.start_job()
         self.wait_running(job)
         time.sleep(self.rng.uniform(0.2, 2.0))
+        at_kill = self.c.get(f"/jobs/{job}").json()["status"]
         for proc in self.s.live_workers():
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=10)
         self.s.start_worker()
-        return {"jobs": [self.outcome(job)]}
+        return {"status_at_fault": at_kill, "jobs": [self.outcome(job)],
+                "next_job": self.outcome(self.start_job())}
 
     def redis(self) -> dict[str, Any]:
         job = self.start_job()
@@ -160,7 +163,7 @@ class Bench:
         self.s.redis.proc.wait(timeout=10)
         time.sleep(self.rng.uniform(0.5, 3.0))  # down for a while
         self.s.redis = RedisServer(self.s.redis_dir, port=port, persist=True).start()
-        return {"jobs": [self.outcome(job)]}
+        return {"jobs": [self.outcome(job)], "next_job": self.outcome(self.start_job())}
 
     def api_upload(self) -> dict[str, Any]:
         big = zip_of(make_samples(700, seed=self.rng.randint(0, 10**6)))  # 2,100 images
@@ -176,7 +179,7 @@ class Bench:
 
         thread = threading.Thread(target=send)
         thread.start()
-        time.sleep(self.rng.uniform(0.05, 1.5))
+        time.sleep(self.rng.uniform(0.02, self.upload_seconds))  # sending, or extracting
         assert self.s.api is not None
         self.s.api.send_signal(signal.SIGKILL)
         thread.join(timeout=60)
@@ -212,13 +215,15 @@ class Bench:
     def disk(self) -> dict[str, Any]:
         job = self.start_job()
         self.wait_running(job)
+        at_fault = self.c.get(f"/jobs/{job}").json()["status"]
         time.sleep(self.rng.uniform(0.1, 1.5))
         filler = self.s.data_dir / "filler.bin"
         subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M", "count=512"],
                        capture_output=True, check=False)
         out = self.outcome(job)
         filler.unlink(missing_ok=True)
-        return {"jobs": [out], "next_job": self.outcome(self.start_job())}
+        return {"status_at_fault": at_fault, "jobs": [out],
+                "next_job": self.outcome(self.start_job())}
 
     # -- helpers ----------------------------------------------------------------------
     def _predict_body(self) -> dict[str, Any]:
@@ -240,7 +245,7 @@ class Bench:
         stop = threading.Event()
 
         def loop() -> None:
-            with self.s.client(timeout=60) as c:
+            with self.s.client() as c:
                 while not stop.is_set():
                     try:
                         statuses.append(str(c.post("/predict", **self._predict_body())
@@ -267,6 +272,12 @@ class Bench:
         job = r.json()["id"]
         assert self.outcome(job)["status"] == "succeeded"
         self.model_id = self.c.get(f"/jobs/{job}").json()["model_id"]
+        # How long the large upload takes here, so that the API is killed within it.
+        big = zip_of(make_samples(700, seed=0))
+        started = time.monotonic()
+        r = self.c.post("/datasets", files={"file": ("big.zip", big, "application/zip")})
+        self.upload_seconds = time.monotonic() - started
+        self.c.delete(f"/datasets/{r.json()['id']}")
 
 
 FAULTS = ["worker", "redis", "api-upload", "api-predict", "inference", "disk"]
@@ -283,6 +294,8 @@ def run_fault(name: str, rounds: int, root: Path, seed: int) -> dict[str, Any]:
     env = {"LQF_QUEUE": f"faults-{name}", "LQF_API_KEYS": f"bench:{Service.KEY}",
            "LQF_LEASE_TTL_S": "3", "LQF_SWEEP_INTERVAL_S": "1", "LQF_WORKER_STALE_S": "4",
            "LQF_LOG_LEVEL": "WARNING"}
+    if name == "redis":  # the default lease: a Redis restart shorter than it loses no job
+        env.update(LQF_LEASE_TTL_S="30", LQF_SWEEP_INTERVAL_S="5", LQF_WORKER_STALE_S="15")
     service = Service(data_dir=data_dir, redis_dir=root / name / "redis", env=env,
                       log_dir=root / name, log_level="WARNING", persist_redis=True)
     rounds_out: list[dict[str, Any]] = []
@@ -311,6 +324,7 @@ def run_fault(name: str, rounds: int, root: Path, seed: int) -> dict[str, Any]:
 
 def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     jobs = [j for r in rounds for j in r.get("jobs", [])]
+    next_jobs = [r["next_job"] for r in rounds if "next_job" in r]
     statuses: dict[str, int] = {}
     for r in rounds:
         for s in r.get("requests", []) + r.get("after", []):
@@ -326,8 +340,10 @@ def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "request_statuses": statuses,
         "half_uploads_listed": sum(1 for r in rounds if r.get("listed_equals_stored") is False),
         "inference_not_recovered": sum(1 for r in rounds if r.get("recovered") is False),
-        "next_job_after_disk_freed": sorted({r["next_job"]["status"] for r in rounds
-                                             if "next_job" in r}),
+        "status_at_fault": sorted({r["status_at_fault"] for r in rounds
+                                   if "status_at_fault" in r}),
+        "next_job_outcomes": sorted({f"{j['status']}:{j['code']}" for j in next_jobs}),
+        "next_jobs_stuck_or_twice": sum(j["stuck"] or j["run_twice"] for j in next_jobs),
         "mean_round_s": round(sum(r["seconds"] for r in rounds) / max(1, len(rounds)), 1),
     }
 
@@ -336,14 +352,16 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"`{result['command']}` · {result['date']} · git {result['git']} · "
              f"{result['machine']['cpu']} ({result['machine']['nproc']} cores)", "",
              "| fault | rounds | stuck | run twice | store problems | not ready again | "
-             "job outcomes | request statuses |", "|---|---|---|---|---|---|---|---|"]
+             "job outcomes | next job | request statuses |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, r in result["faults"].items():
         if "skipped" in r:
-            lines.append(f"| {name} | skipped: {r['skipped']} | | | | | | |")
+            lines.append(f"| {name} | skipped: {r['skipped']} | | | | | | | |")
             continue
         lines.append(f"| {name} | {r['rounds']} | {r['jobs_stuck']} | {r['jobs_run_twice']} | "
                      f"{r['store_problems']} | {r['not_ready_again']} | "
-                     f"{', '.join(r['job_outcomes'])} | {r['request_statuses']} |")
+                     f"{', '.join(r['job_outcomes'])} | {', '.join(r['next_job_outcomes'])} | "
+                     f"{r['request_statuses']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -21,13 +21,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
+
+import redis
 
 from lqf_core.errors import Cancelled, LQFError
 from lqf_core.train import Progress
 from state.artifacts import ArtifactStore
 from state.jobstore import JobStatus, JobStore
 from worker.config import WorkerSettings
+
+T = TypeVar("T")
+# What a Redis restart looks like to a client: the job's compute carries on through it.
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 
 log = logging.getLogger("lqf.worker")
 
@@ -89,8 +95,13 @@ class Stopper:
             self.reason = "shutdown"
         elif time.monotonic() - self._last_check > 0.2:  # poll Redis at most 5x a second
             self._last_check = time.monotonic()
-            if self.jobs.cancel_requested(self.job_id):
-                self.reason = "cancel"
+            try:
+                if self.jobs.cancel_requested(self.job_id):
+                    self.reason = "cancel"
+            except REDIS_DOWN:
+                # Redis is restarting: keep computing. The lease decides: an outage longer
+                # than it ends the job (the sweeper fails it), a shorter one costs nothing.
+                pass
         return self.reason is not None
 
 
@@ -194,48 +205,76 @@ def run_job(job_id: str, compute: Compute, *, settings: WorkerSettings, worker: 
     return status
 
 
-def _fail(jobs: JobStore, job_id: str, code: str, message: str) -> str:
-    jobs.transition(job_id, RUNNING_OR_CANCELLING, JobStatus.FAILED, message=message,
-                    error={"code": code, "message": message})
+def while_redis_restarts(fn: Callable[[], T], seconds: float) -> T:
+    """fn(), retried while Redis is unreachable, for up to `seconds` (the lease: past it
+    the sweeper fails the job anyway). The job's final record must survive a restart."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return fn()
+        except REDIS_DOWN:
+            if time.monotonic() >= deadline:
+                raise
+            log.warning("redis unreachable; retrying the job's record")
+            time.sleep(0.5)
+
+
+def _fail(jobs: JobStore, job_id: str, code: str, message: str, patience_s: float) -> str:
+    while_redis_restarts(lambda: jobs.transition(
+        job_id, RUNNING_OR_CANCELLING, JobStatus.FAILED, message=message,
+        error={"code": code, "message": message}), patience_s)
     return JobStatus.FAILED.value
 
 
 def _execute(jobs: JobStore, job: dict[str, Any], settings: WorkerSettings, lease: Lease,
              compute: Compute) -> str:
     job_id = job["id"]
+    patience = settings.lease_ttl_s
+
+    def fail(code: str, message: str) -> str:
+        return _fail(jobs, job_id, code, message, patience)
+
+    def record(fn: Callable[[], T]) -> T:
+        return while_redis_restarts(fn, patience)
+
     artifacts = ArtifactStore(settings.data_dir)
     stopper = Stopper(jobs, job_id, lease)
     context = JobContext(artifacts, settings, ProgressReporter(jobs, job_id), stopper)
     try:
         outcome = compute(job, context)
     except JobFailure as exc:
-        return _fail(jobs, job_id, exc.code, exc.message)
+        return fail(exc.code, exc.message)
     except Cancelled:
         if stopper.reason == "shutdown":
-            return _fail(jobs, job_id, "worker_shutdown",
-                         "the worker was shut down while the job ran; submit it again")
+            return fail("worker_shutdown",
+                        "the worker was shut down while the job ran; submit it again")
         if stopper.reason == "lease_lost":
             return "lease_lost"  # the sweeper has already failed it; nothing is ours to write
-        jobs.transition(job_id, RUNNING_OR_CANCELLING, JobStatus.CANCELLED,
-                        message="cancelled while running")
+        record(lambda: jobs.transition(job_id, RUNNING_OR_CANCELLING, JobStatus.CANCELLED,
+                                       message="cancelled while running"))
         return JobStatus.CANCELLED.value
     except LQFError as exc:
-        return _fail(jobs, job_id, error_code(exc), str(exc))
+        return fail(error_code(exc), str(exc))
     except Exception as exc:
         log.exception("job crashed", extra={"job_id": job_id})
-        return _fail(jobs, job_id, "internal_error", f"{type(exc).__name__}: {exc}")
+        return fail("internal_error", f"{type(exc).__name__}: {exc}")
 
     try:
         result, undo = outcome.store(artifacts)
     except Exception as exc:  # disk full, permissions: say so rather than look "lost"
         log.exception("could not store the result", extra={"job_id": job_id})
-        return _fail(jobs, job_id, "storage_error",
-                     f"the job finished but its result could not be stored: {exc}")
-    done, before = jobs.transition(
-        job_id, RUNNING, JobStatus.SUCCEEDED, **result,
-        metrics={k: float(v) for k, v in outcome.metrics.items()},
-        progress={**((jobs.get(job_id) or {}).get("progress") or {}), "fraction": 1.0},
-    )
+        return fail("storage_error",
+                    f"the job finished but its result could not be stored: {exc}")
+    try:
+        progress = (record(lambda: jobs.get(job_id)) or {}).get("progress") or {}
+        done, before = record(lambda: jobs.transition(
+            job_id, RUNNING, JobStatus.SUCCEEDED, **result,
+            metrics={k: float(v) for k, v in outcome.metrics.items()},
+            progress={**progress, "fraction": 1.0},
+        ))
+    except REDIS_DOWN:
+        undo()  # Redis stayed away past the lease: publish nothing the record does not name
+        raise
     if done:
         if outcome.after_success is not None:
             try:
@@ -246,7 +285,7 @@ def _execute(jobs: JobStore, job: dict[str, Any], settings: WorkerSettings, leas
     # Cancelled (or failed by the sweeper) while we were finishing: the user said stop.
     undo()
     if before == JobStatus.CANCELLING.value:
-        jobs.transition(job_id, {JobStatus.CANCELLING}, JobStatus.CANCELLED,
-                        message="cancelled while running")
+        record(lambda: jobs.transition(job_id, {JobStatus.CANCELLING}, JobStatus.CANCELLED,
+                                       message="cancelled while running"))
         return JobStatus.CANCELLED.value
     return before
