@@ -50,7 +50,8 @@ from tests.integration.datagen import make_samples
 
 FINAL = {"succeeded", "failed", "cancelled"}
 JOB = {"method": "finetune", "backbone": "tiny_cnn",
-       "hyperparameters": {"image_size": 32, "epochs": 2000, "patience": 10000}}  # ~5-10 s
+       "hyperparameters": {"image_size": 32, "epochs": 1000, "patience": 10000}}  # a few s
+QUICK = {"method": "linear_probe", "backbone": "tiny_cnn", "hyperparameters": {"image_size": 32}}
 
 
 def zip_of(samples: list[tuple[str, bytes]]) -> bytes:
@@ -99,8 +100,8 @@ class Bench:
         r.raise_for_status()
         return r.json()["id"]
 
-    def start_job(self) -> str:
-        r = self.c.post("/jobs", json={"dataset_id": self.dataset_id, **JOB})
+    def start_job(self, body: dict[str, Any] | None = None) -> str:
+        r = self.c.post("/jobs", json={"dataset_id": self.dataset_id, **(body or JOB)})
         r.raise_for_status()
         return r.json()["id"]
 
@@ -151,7 +152,7 @@ class Bench:
             proc.wait(timeout=10)
         self.s.start_worker()
         return {"status_at_fault": at_kill, "jobs": [self.outcome(job)],
-                "next_job": self.outcome(self.start_job())}
+                "next_job": self.outcome(self.start_job(QUICK))}
 
     def redis(self) -> dict[str, Any]:
         job = self.start_job()
@@ -163,7 +164,7 @@ class Bench:
         self.s.redis.proc.wait(timeout=10)
         time.sleep(self.rng.uniform(0.5, 3.0))  # down for a while
         self.s.redis = RedisServer(self.s.redis_dir, port=port, persist=True).start()
-        return {"jobs": [self.outcome(job)], "next_job": self.outcome(self.start_job())}
+        return {"jobs": [self.outcome(job)], "next_job": self.outcome(self.start_job(QUICK))}
 
     def api_upload(self) -> dict[str, Any]:
         big = zip_of(make_samples(700, seed=self.rng.randint(0, 10**6)))  # 2,100 images
@@ -223,7 +224,7 @@ class Bench:
         out = self.outcome(job)
         filler.unlink(missing_ok=True)
         return {"status_at_fault": at_fault, "jobs": [out],
-                "next_job": self.outcome(self.start_job())}
+                "next_job": self.outcome(self.start_job(QUICK))}
 
     # -- helpers ----------------------------------------------------------------------
     def _predict_body(self) -> dict[str, Any]:
