@@ -19,6 +19,10 @@ class Settings(CommonSettings):
     max_upload_bytes: int = 512 * 1024 * 1024
     max_archive_files: int = 20_000
     max_uncompressed_bytes: int = 2 * 1024 * 1024 * 1024
+    # A request body must keep arriving (no gap longer than idle) and be complete within
+    # total: a client that stalls gets a 408 instead of holding the request open.
+    body_idle_timeout_s: float = 60.0
+    body_timeout_s: float = 900.0
 
     # Prediction
     max_predict_images: int = 64

@@ -55,6 +55,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (401, "no or an unknown API key"),
         (404, "not found, or another tenant's"),
         (409, "conflicts with the current state (e.g. a job still running)"),
+        (408, "the request body stopped arriving (LQF_BODY_IDLE_TIMEOUT_S, LQF_BODY_TIMEOUT_S)"),
         (413, "the body or an image is over its limit"),
         (415, "a content type the route does not take"),
         (422, "invalid input, named in `detail`"),

@@ -90,7 +90,8 @@ def create_app() -> FastAPI:
                    labelstudio_protocol, labelstudio_router):
         app.include_router(router, responses=ERROR_RESPONSES)
     install_dashboard(app)
-    app.add_middleware(BodySizeLimit, limit=settings.max_upload_bytes)
+    app.add_middleware(BodySizeLimit, limit=settings.max_upload_bytes,
+                       idle_s=settings.body_idle_timeout_s, total_s=settings.body_timeout_s)
     app.add_middleware(MetricsMiddleware)
     _register_collector(settings)
     return app

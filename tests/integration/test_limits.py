@@ -4,7 +4,9 @@ the limit, and nothing stored by a refused request."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -29,7 +31,8 @@ def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
            "LQF_API_KEYS": ",".join(f"{t}:{k}" for t, k in KEYS.items()),
            "LQF_TENANT_REQUESTS_PER_S": str(RATE), "LQF_TENANT_REQUEST_BURST": str(BURST),
            "LQF_TENANT_MAX_UNFINISHED_JOBS": str(MAX_JOBS),
-           "LQF_TENANT_MAX_STORED_BYTES": str(15_000)}
+           "LQF_TENANT_MAX_STORED_BYTES": str(15_000),
+           "LQF_BODY_IDLE_TIMEOUT_S": "2", "LQF_MAX_UPLOAD_BYTES": str(1024 * 1024)}
     with Service.running_under(root, env) as svc:
         yield svc
 
@@ -89,6 +92,50 @@ def test_stored_bytes_are_limited(limited: Service) -> None:
         # Deleting makes room again.
         assert bob.delete(f"/datasets/{first.json()['id']}").status_code == 204
         assert upload(bob, folder_zip(make_samples(10, seed=4))).status_code == 201
+
+
+def _raw(service: Service, head: bytes, body: bytes, wait_s: float) -> tuple[bytes, float]:
+    """Send a request's head and part of its body over a plain socket, then stall: -> (the
+    response, seconds until it came)."""
+    host, port = service.base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=wait_s) as sock:
+        sock.sendall(head + body)
+        started = time.monotonic()
+        data = b""
+        with contextlib.suppress(TimeoutError):
+            while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        return data, time.monotonic() - started
+
+
+def test_a_stalled_or_endless_body_is_cut_off(limited: Service) -> None:
+    with limited.client("alice") as alice:
+        listed = alice.get("/datasets").json()["total"]
+    auth = f"Authorization: Bearer {KEYS['alice']}\r\n".encode()
+    head = (b"POST /datasets HTTP/1.1\r\nHost: x\r\n" + auth +
+            b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 50000\r\n\r\n")
+    data, seconds = _raw(limited, head, b"--b\r\nContent-Disposition: form-data; "
+                                        b'name="file"; filename="d.zip"\r\n\r\nPK', 15)
+    assert data.startswith(b"HTTP/1.1 408"), data[:300]
+    assert b"body_timeout" in data and b"LQF_BODY_IDLE_TIMEOUT_S" in data
+    assert 1.5 < seconds < 10
+    # No Content-Length, a chunked body past LQF_MAX_UPLOAD_BYTES: 413 as it streams.
+    chunked = (b"POST /datasets HTTP/1.1\r\nHost: x\r\n" + auth +
+               b"Content-Type: multipart/form-data; boundary=b\r\n"
+               b"Transfer-Encoding: chunked\r\n\r\n")
+    part = (b'--b\r\nContent-Disposition: form-data; name="file"; filename="d.zip"\r\n'
+            b"Content-Type: application/zip\r\n\r\n")
+    pieces = [part] + [b"x" * 65536] * 20  # a valid part whose file never ends
+    body = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces)
+    data, _ = _raw(limited, chunked, body, 15)
+    assert data.startswith(b"HTTP/1.1 413"), data[:300]
+    assert b"too_large" in data
+    with limited.client("alice") as alice:
+        assert alice.get("/datasets").json()["total"] == listed  # nothing stored
+        assert alice.get("/livez").status_code == 200
 
 
 def test_limits_answer_within_the_documented_schema(limited: Service) -> None:
