@@ -378,3 +378,18 @@ def test_the_dashboard_works_in_firefox(service: Any, alice: httpx.Client,
         assert ff.errors == []
     finally:
         ff.close()
+
+
+def test_a_failed_job_shows_its_error(tab: Tab, alice: httpx.Client,
+                                      shapes_dataset: dict[str, Any]) -> None:
+    # tiny_cnn has fewer feature blocks: the job fails as it starts, with invalid_config.
+    job = submit(alice, shapes_dataset["id"], method="lqf",
+                 hyperparameters={"image_size": 32, "suffix_blocks": 60})
+    done = wait_job(alice, job["id"], FINAL)
+    assert done["status"] == "failed", done
+    tab.sign_in()
+    tab.page.goto(f"/ui/jobs/{job['id']}")
+    alert = tab.page.locator("#job-result [role=alert]").inner_text()
+    assert done["error"]["code"] in alert and done["error"]["message"][:40] in alert
+    assert tab.page.locator("#cancel-form").count() == 0  # nothing left to cancel
+    assert tab.errors == []
