@@ -41,6 +41,9 @@ class Settings(CommonSettings):
     predict_torch_threads: int = 0
     model_cache_size: int = 4
     predict_device: str = "auto"
+    # A /predict batch answers within this or the client gets a 504 (the closed-form part
+    # of a query has LQF_QUERY_TIMEOUT_S).
+    predict_timeout_s: float = 30.0
 
     # Label Studio ML backend (/label-studio/{model_id}): task images given as URLs are
     # fetched only from this Label Studio, with this API key ("Token" auth).

@@ -63,12 +63,15 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
               "with Retry-After"),
     )}
 
-# OpenAPI `responses` of a route whose closed-form part runs under LQF_QUERY_TIMEOUT_S.
+# OpenAPI `responses` of a route whose closed-form part runs under LQF_QUERY_TIMEOUT_S (and
+# whose prediction, if any, under LQF_PREDICT_TIMEOUT_S).
 QUERY_TIMEOUT_RESPONSE: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorBody,
           "description": "the query passed LQF_QUERY_TIMEOUT_S and was stopped (code "
                          "query_timeout), or the model's posterior is still being built "
-                         "(code posterior_building, with Retry-After)"}}
+                         "(code posterior_building, with Retry-After)"},
+    504: {"model": ErrorBody,
+          "description": "the prediction passed LQF_PREDICT_TIMEOUT_S (code predict_timeout)"}}
 
 
 def _allowed_methods(request: Request) -> list[str]:

@@ -17,7 +17,8 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from app.cache import AsyncLRU
-from app.config import Settings
+from app.config import Settings, get_settings
+from app.errors import ApiError
 from app.predict.batcher import MicroBatcher
 from app.predict.inference import InferencePool, pool_shape
 from lqf_core.data import open_image
@@ -135,8 +136,16 @@ def prepare(predictor: Predictor, images: list[tuple[str, bytes]]) -> torch.Tens
 
 
 async def predict(loaded: Loaded, x: torch.Tensor, top_k: int | None) -> list[dict[str, Any]]:
-    """Preprocessed images (see prepare_async) -> one prediction each, via the batcher."""
-    probs: np.ndarray = await loaded.batcher.submit(x)
+    """Preprocessed images (see prepare_async) -> one prediction each, via the batcher,
+    within LQF_PREDICT_TIMEOUT_S (a 504 past it; the batch, a bounded computation, may
+    still finish in its inference process, and its answer is dropped)."""
+    timeout_s = get_settings().predict_timeout_s
+    try:
+        probs: np.ndarray = await asyncio.wait_for(loaded.batcher.submit(x), timeout_s)
+    except TimeoutError:
+        raise ApiError(504, f"the prediction took longer than {timeout_s:g} s "
+                            "(LQF_PREDICT_TIMEOUT_S); retry, or send fewer images",
+                       "predict_timeout") from None
     names = loaded.predictor.class_names
     k = min(top_k or len(names), len(names))
     out: list[dict[str, Any]] = []

@@ -32,7 +32,9 @@ def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
            "LQF_TENANT_REQUESTS_PER_S": str(RATE), "LQF_TENANT_REQUEST_BURST": str(BURST),
            "LQF_TENANT_MAX_UNFINISHED_JOBS": str(MAX_JOBS),
            "LQF_TENANT_MAX_STORED_BYTES": str(15_000),
-           "LQF_BODY_IDLE_TIMEOUT_S": "2", "LQF_MAX_UPLOAD_BYTES": str(1024 * 1024)}
+           "LQF_BODY_IDLE_TIMEOUT_S": "2", "LQF_MAX_UPLOAD_BYTES": str(1024 * 1024),
+           # No prediction is that fast: every /predict here meets its deadline.
+           "LQF_PREDICT_TIMEOUT_S": "0.001"}
     with Service.running_under(root, env) as svc:
         yield svc
 
@@ -136,6 +138,21 @@ def test_a_stalled_or_endless_body_is_cut_off(limited: Service) -> None:
     with limited.client("alice") as alice:
         assert alice.get("/datasets").json()["total"] == listed  # nothing stored
         assert alice.get("/livez").status_code == 200
+
+
+def test_a_prediction_past_its_deadline_is_a_504(limited: Service) -> None:
+    with limited.client("bob") as bob:
+        dataset = upload(bob, folder_zip(make_samples(3, seed=5))).json()
+        job = submit(bob, dataset["id"], method="linear_probe")
+        model = wait_job(bob, job["id"], FINAL)["model_id"]
+        images = [("files", (f"{i}.png", png, "image/png"))
+                  for i, (_, png) in enumerate(make_samples(20, seed=6)[:64])]
+        r = bob.post("/predict", data={"model_id": model}, files=images)
+        assert r.status_code == 504 and r.json()["code"] == "predict_timeout", r.text
+        assert "LQF_PREDICT_TIMEOUT_S" in r.json()["detail"]
+        assert bob.get("/livez").status_code == 200
+        bob.delete(f"/models/{model}")
+        bob.delete(f"/datasets/{dataset['id']}")
 
 
 def test_limits_answer_within_the_documented_schema(limited: Service) -> None:
