@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import io
 import json
 import os
 import random
@@ -36,7 +35,6 @@ import subprocess
 import tempfile
 import threading
 import time
-import zipfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -45,21 +43,13 @@ import httpx
 
 from app.launcher import RedisServer, api_command, wait_http
 from bench.load import children
-from bench.serve import RESULTS, Service, git_commit, machine
+from bench.serve import RESULTS, Service, folder_zip, git_commit, machine
 from tests.integration.datagen import make_samples
 
 FINAL = {"succeeded", "failed", "cancelled"}
 JOB = {"method": "finetune", "backbone": "tiny_cnn",
        "hyperparameters": {"image_size": 32, "epochs": 1000, "patience": 10000}}  # a few s
 QUICK = {"method": "linear_probe", "backbone": "tiny_cnn", "hyperparameters": {"image_size": 32}}
-
-
-def zip_of(samples: list[tuple[str, bytes]]) -> bytes:
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w") as zf:
-        for i, (label, data) in enumerate(samples):
-            zf.writestr(f"{label}/{i}.png", data)
-    return out.getvalue()
 
 
 def store_problems(data_dir: Path) -> list[str]:
@@ -93,7 +83,7 @@ class Bench:
     def __init__(self, service: Service, rng: random.Random):
         self.s, self.rng = service, rng
         self.c = service.client()
-        self.dataset_id = self._upload(zip_of(make_samples(6, seed=1)))
+        self.dataset_id = self._upload(folder_zip(make_samples(6, seed=1)))
 
     def _upload(self, data: bytes) -> str:
         r = self.c.post("/datasets", files={"file": ("d.zip", data, "application/zip")})
@@ -167,7 +157,7 @@ class Bench:
         return {"jobs": [self.outcome(job)], "next_job": self.outcome(self.start_job(QUICK))}
 
     def api_upload(self) -> dict[str, Any]:
-        big = zip_of(make_samples(700, seed=self.rng.randint(0, 10**6)))  # 2,100 images
+        big = folder_zip(make_samples(700, seed=self.rng.randint(0, 10**6)))  # 2,100 images
         before = len(list((self.s.data_dir / "datasets").glob("ds_*")))
         statuses: list[str] = []
 
@@ -274,7 +264,7 @@ class Bench:
         assert self.outcome(job)["status"] == "succeeded"
         self.model_id = self.c.get(f"/jobs/{job}").json()["model_id"]
         # How long the large upload takes here, so that the API is killed within it.
-        big = zip_of(make_samples(700, seed=0))
+        big = folder_zip(make_samples(700, seed=0))
         started = time.monotonic()
         r = self.c.post("/datasets", files={"file": ("big.zip", big, "application/zip")})
         self.upload_seconds = time.monotonic() - started

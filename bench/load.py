@@ -22,19 +22,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import io
 import json
 import statistics
 import tempfile
 import time
-import zipfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from bench.serve import RESULTS, Service, git_commit, machine, make_data, train
+from bench.serve import RESULTS, Service, folder_zip, git_commit, machine, make_data, train
 
 FINAL = {"succeeded", "failed", "cancelled"}
 
@@ -65,14 +63,6 @@ def slope_mb_per_min(samples: list[tuple[float, float]]) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / den if den else 0.0
 
 
-def small_zip(samples: list[tuple[str, bytes]]) -> bytes:
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w") as zf:
-        for i, (label, data) in enumerate(samples):
-            zf.writestr(f"{label}/{i}.png", data)
-    return out.getvalue()
-
-
 class Traffic:
     """The clients, sharing counters of requests, errors and predict latencies."""
 
@@ -80,7 +70,7 @@ class Traffic:
                  upload_samples: list[tuple[str, bytes]]):
         self.base, self.key = service.base_url, Service.KEY
         self.model_id, self.image = model_id, image
-        self.zip = small_zip(upload_samples)
+        self.zip = folder_zip(upload_samples)
         self.latencies: list[float] = []
         self.counts: dict[str, int] = {}
         self.errors: list[str] = []
