@@ -23,6 +23,9 @@ class Settings(CommonSettings):
     # total: a client that stalls gets a 408 instead of holding the request open.
     body_idle_timeout_s: float = 60.0
     body_timeout_s: float = 900.0
+    # Checking and storing an archive's images, once received: past it a 503 and nothing
+    # is stored.
+    upload_process_timeout_s: float = 600.0
 
     # Prediction
     max_predict_images: int = 64

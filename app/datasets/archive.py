@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import stat
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -149,11 +150,17 @@ def _from_csv(zf: zipfile.ZipFile, csv_info: zipfile.ZipInfo,
 
 
 def extract(zf: zipfile.ZipFile, entries: list[ArchiveEntry], dest: Path,
-            first_id: int) -> list[ManifestItem]:
-    """Decode-check every image and copy it to dest/{item id}{suffix} -> manifest items."""
+            first_id: int, deadline: float | None = None) -> list[ManifestItem]:
+    """Decode-check every image and copy it to dest/{item id}{suffix} -> manifest items.
+    Past `deadline` (time.monotonic()) a 503: the caller drops what was written."""
     dest.mkdir(parents=True, exist_ok=True)
     items = []
     for offset, entry in enumerate(entries):
+        if deadline is not None and time.monotonic() > deadline:
+            raise ApiError(503, f"checking and storing the archive took too long (stopped "
+                                f"after {offset} of {len(entries)} images; "
+                                "LQF_UPLOAD_PROCESS_TIMEOUT_S); nothing was stored: split it "
+                                "into smaller archives", "upload_timeout")
         try:
             data = zf.read(entry.info)
         except (zipfile.BadZipFile, OSError, EOFError) as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import IO, Any
 
@@ -27,8 +28,13 @@ def get_meta(store: ArtifactStore, tenant: str, dataset_id: str) -> DatasetSumma
     return meta
 
 
+def _deadline(settings: Settings, started: float) -> float:
+    return started + settings.upload_process_timeout_s
+
+
 def create(store: ArtifactStore, settings: Settings, tenant: str, upload: IO[bytes],
            name: str) -> tuple[DatasetSummary, list[str]]:
+    started = time.monotonic()
     with open_zip(upload) as zf:
         entries, ignored = scan(zf, _limits(settings))
         admit_bytes(store, settings, tenant, sum(e.info.file_size for e in entries))
@@ -39,7 +45,8 @@ def create(store: ArtifactStore, settings: Settings, tenant: str, upload: IO[byt
         dataset_id = new_id("ds")
         staging = store.make_staging_dir("dataset")
         try:
-            items = extract(zf, entries, staging / "images", first_id=0)
+            items = extract(zf, entries, staging / "images", first_id=0,
+                            deadline=_deadline(settings, started))
             meta = store.write_dataset(staging, DatasetManifest.new(items), {
                 "id": dataset_id, "name": name, "tenant": tenant, "created_at": utc_now(),
                 "stored_bytes": directory_bytes(staging)})
@@ -52,6 +59,7 @@ def create(store: ArtifactStore, settings: Settings, tenant: str, upload: IO[byt
 
 def append(store: ArtifactStore, settings: Settings, tenant: str, dataset_id: str,
            upload: IO[bytes]) -> tuple[DatasetSummary, list[ManifestItem], list[str]]:
+    started = time.monotonic()
     get_meta(store, tenant, dataset_id)
     with open_zip(upload) as zf:
         entries, ignored = scan(zf, _limits(settings))
@@ -65,7 +73,8 @@ def append(store: ArtifactStore, settings: Settings, tenant: str, dataset_id: st
                                     f"{settings.max_archive_files}", "too_many_files")
             staging = store.make_staging_dir("append")
             try:
-                added = extract(zf, entries, staging, first_id=manifest.next_item_id)
+                added = extract(zf, entries, staging, first_id=manifest.next_item_id,
+                                deadline=_deadline(settings, started))
                 # Images first, manifest last: a crash in between leaves unreferenced files,
                 # never a manifest pointing at a missing image.
                 for item in added:

@@ -36,3 +36,29 @@ def test_log_level_also_governs_uvicorn_access_lines():
         assert access.isEnabledFor(logging.INFO)
     finally:
         configure_logging("INFO")
+
+
+def test_an_archive_that_takes_too_long_to_store_leaves_nothing(tmp_path):
+    """Past LQF_UPLOAD_PROCESS_TIMEOUT_S the upload stops between images: a 503, and
+    neither a dataset nor a staging directory remains (a new one and an append alike)."""
+    import io
+
+    import pytest
+
+    from app.config import Settings
+    from app.datasets import service
+    from app.errors import ApiError
+    from tests.integration.datagen import folder_zip, make_samples
+
+    store = ArtifactStore(tmp_path).ensure()
+    archive = folder_zip(make_samples(4, seed=1))
+    kept = service.create(store, Settings(), "t1", io.BytesIO(archive), "kept")[0]
+    hurried = Settings(upload_process_timeout_s=-1.0)  # already past: stops at once
+    with pytest.raises(ApiError) as refused:
+        service.create(store, hurried, "t1", io.BytesIO(archive), "late")
+    assert refused.value.status == 503 and refused.value.code == "upload_timeout"
+    with pytest.raises(ApiError):
+        service.append(store, hurried, "t1", kept["id"], io.BytesIO(archive))
+    assert [m["id"] for m in store.list_dataset_metas("t1")] == [kept["id"]]
+    assert len(store.manifest(kept["id"]).items) == 12  # the append added nothing
+    assert not any(store.tmp.iterdir())  # no staging directory left behind
