@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.fashion_mnist import CLASS_NAMES, few_shot_indices, load_split, to_tensor
+from bench.fashion_mnist import CLASS_NAMES, few_shot_indices, input_size, load_split, to_tensor
 from bench.transfer import machine_info
 from lqf_core.active import (
     ConditionedKernel,
@@ -62,7 +62,7 @@ class Pool:
         x_test, y_test = load_split("t10k")
         rng = np.random.default_rng(1234)
         idx = rng.choice(len(y_train), pool, replace=False)
-        size = config.image_size
+        size = input_size(config, backbone)
         self.x = to_tensor(x_train[idx], size, backbone.mean, backbone.std)
         self.y = y_train[idx]
         self.x_test = to_tensor(x_test[:test], size, backbone.mean, backbone.std)

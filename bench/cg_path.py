@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     model = train_model(images, labels, [str(c) for c in range(10)], config, backbone=backbone)
     train_s = time.monotonic() - started
-    pre = backbone.preprocess(model.config.image_size)
+    pre = backbone.preprocess(model.config.input_size)
     x = torch.stack([pre(img) for img in images])
     fit = [int(i) for i in model.info["train_item_ids"]]
     prefix = backbone.split(model.config.suffix)[0].eval()

@@ -9,6 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lqf_core.backbones import Backbone
+from lqf_core.config import TrainConfig
+
 DEFAULT_DIR = Path(os.environ.get("LQF_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 CLASS_NAMES = ["t-shirt", "trouser", "pullover", "dress", "coat",
                "sandal", "shirt", "sneaker", "bag", "ankle-boot"]
@@ -32,6 +35,17 @@ def load_split(split: str, directory: Path = DEFAULT_DIR) -> tuple[np.ndarray, n
             "or set LQF_FASHION_MNIST_DIR"
         )
     return _read_idx(images), _read_idx(labels).astype(np.int64)
+
+
+# Fashion-MNIST's images are 28 x 28.
+IMAGE_SIDE = 28
+
+
+def input_size(config: TrainConfig, backbone: Backbone) -> int:
+    """The config's image_size, or what a job would choose for these 28 px images."""
+    if config.image_size is not None:
+        return config.image_size
+    return backbone.auto_image_size([IMAGE_SIDE])
 
 
 def to_tensor(images: np.ndarray, image_size: int,

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.fashion_mnist import CLASS_NAMES, few_shot_indices, load_split, to_tensor
+from bench.fashion_mnist import CLASS_NAMES, few_shot_indices, input_size, load_split, to_tensor
 from bench.transfer import machine_info
 from lqf_core.active import head_posterior_of, lqf_signals, select_batch
 from lqf_core.artifacts import save_model
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     shots, n_test, batches = (20, 256, 5) if args.quick else (100, 1000, 20)
     backbone = load_backbone("mobilenet_v2")
-    x, labels, x_test, source = data(shots, n_test, TrainConfig().image_size, backbone)
+    x, labels, x_test, source = data(shots, n_test, input_size(TrainConfig(), backbone), backbone)
     devices = (["cuda"] if torch.cuda.is_available() else []) + ["cpu"]
     runs = []
     for device in devices:

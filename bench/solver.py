@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from bench.fashion_mnist import few_shot_indices, load_split, to_tensor
+from bench.fashion_mnist import few_shot_indices, input_size, load_split, to_tensor
 from bench.transfer import machine_info
 from lqf_core.backbones import load_backbone
 from lqf_core.config import TrainConfig
@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     x_pool, y_pool = load_split("train")
     idx = few_shot_indices(y_pool, args.shots, args.seed)
     config = TrainConfig(suffix_blocks=SUFFIX_BLOCKS)
-    x = to_tensor(x_pool[idx], config.image_size, backbone.mean, backbone.std)
+    x = to_tensor(x_pool[idx], input_size(config, backbone), backbone.mean, backbone.std)
     y = torch.as_tensor(y_pool[idx])
     fit, val = split_by_item(y.tolist(), [str(i) for i in idx], config.val_fraction, args.seed)
     prefix = backbone.split(config.suffix_blocks)[0]

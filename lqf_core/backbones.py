@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,6 +37,27 @@ class GlobalPool(nn.Module):
         return x.mean(dim=(2, 3))
 
 
+@dataclass(frozen=True)
+class InputSizes:
+    """The input-size rule: the images' median short side, rounded to a multiple of
+    `step` (the network's total stride, so no row or column is lost to it), clamped to
+    [smallest, largest]. The lower clamp upsamples small images towards the scale the
+    backbone was pre-trained at, the upper one bounds the training cost, which grows with
+    the feature maps (docs/method.md, "The input size")."""
+
+    smallest: int
+    largest: int
+    step: int
+
+    def choose(self, short_sides: Sequence[int]) -> int:
+        if not short_sides:
+            return self.smallest
+        ordered = sorted(short_sides)
+        median = ordered[len(ordered) // 2]
+        rounded = self.step * max(1, round(median / self.step))
+        return min(self.largest, max(self.smallest, rounded))
+
+
 @dataclass
 class Backbone:
     """A ready network: `blocks` (eval mode) map images to `feature_dim` features."""
@@ -50,6 +71,12 @@ class Backbone:
     # LQF's suffix when the config leaves it unset: what a "block" holds differs between
     # architectures, so the default depth lives with the architecture.
     default_suffix_blocks: int = 2
+    # The input-size rule when the config leaves image_size unset (auto_image_size).
+    input_sizes: InputSizes = field(default_factory=lambda: InputSizes(64, 64, 32))
+
+    def auto_image_size(self, short_sides: Sequence[int]) -> int:
+        """The input size for images whose short sides are `short_sides`."""
+        return self.input_sizes.choose(short_sides)
 
     @property
     def num_feature_blocks(self) -> int:
@@ -77,6 +104,7 @@ class BackboneSpec:
     install_hint: str
     build: Callable[[Path | None], tuple[list[nn.Module], int]]
     default_suffix_blocks: int
+    input_sizes: InputSizes
 
 
 def _mobilenet_v2(weights: Path | None) -> tuple[list[nn.Module], int]:
@@ -133,6 +161,9 @@ _TORCHVISION_HINT = (
     "~/.cache/torch/hub/checkpoints/) or in the weights directory you pass (LQF_WEIGHTS_DIR)"
 )
 
+# Backbones pre-trained on ImageNet at 224 px with a total stride of 32.
+IMAGENET_SIZES = InputSizes(96, 128, 32)
+
 REGISTRY: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in [
@@ -146,6 +177,9 @@ REGISTRY: dict[str, BackboneSpec] = {
             # the last 3 inverted residuals + the 1x1 conv to 1280 channels: bench.transfer's
             # validation chose 4 over 2 in every 100-shot run and never preferred 2 (MSE).
             4,
+            # 96 px for small images (+0.95 points at 1.3x the fit on 28 px Fashion-MNIST),
+            # 128 px for larger ones (+1.45 at 2.1x): bench.lqf_defaults, image_size.
+            IMAGENET_SIZES,
         ),
         BackboneSpec(
             "resnet18",
@@ -154,6 +188,7 @@ REGISTRY: dict[str, BackboneSpec] = {
             _TORCHVISION_HINT.format(file="resnet18-f37072fd.pth"),
             _resnet("resnet18"),
             2,  # layer4 (not benchmarked)
+            IMAGENET_SIZES,  # MobileNetV2's rule (not benchmarked on resnets)
         ),
         BackboneSpec(
             "resnet50",
@@ -162,6 +197,7 @@ REGISTRY: dict[str, BackboneSpec] = {
             _TORCHVISION_HINT.format(file="resnet50-11ad3fa6.pth"),
             _resnet("resnet50"),
             2,  # the last two bottlenecks of layer4 (not benchmarked)
+            IMAGENET_SIZES,
         ),
         BackboneSpec(
             "tiny_cnn",
@@ -170,6 +206,7 @@ REGISTRY: dict[str, BackboneSpec] = {
             "",
             _tiny_cnn,
             2,
+            InputSizes(16, 64, 8),  # the images' own size, kept small for tests
         ),
     ]
 }
@@ -238,4 +275,4 @@ def load_backbone(name: str, weights_dir: WeightsDirs = None) -> Backbone:
             p.requires_grad_(False)
     weights_id = weights.name if weights is not None else f"{name}-seed1234"
     return Backbone(name, blocks, dim, IMAGENET_MEAN, IMAGENET_STD, weights_id,
-                    spec.default_suffix_blocks)
+                    spec.default_suffix_blocks, spec.input_sizes)

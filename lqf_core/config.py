@@ -60,7 +60,10 @@ class TrainConfig:
 
     method: Method = Method.LQF
     backbone: str = "mobilenet_v2"
-    image_size: int = 64
+    # Square input side in px. None: the backbone's rule on the training images (their
+    # median short side, clamped: 96-128 px for the ImageNet backbones; backbones.py).
+    # The trained model records the value used.
+    image_size: int | None = None
     seed: int = 0
     # Fraction of the training items held out to fit the softmax temperature and report
     # validation metrics. 0 trains on everything and skips calibration.
@@ -134,6 +137,14 @@ class TrainConfig:
         return self.suffix_blocks
 
     @property
+    def input_size(self) -> int:
+        """image_size once resolved (train_model chooses it from the images)."""
+        if self.image_size is None:
+            raise InvalidConfigError("image_size is unset: resolve it from the images "
+                                     "(Backbone.auto_image_size) first")
+        return self.image_size
+
+    @property
     def ridge(self) -> float:
         """weight_decay, or the solver's default when it is unset."""
         if self.weight_decay is not None:
@@ -145,7 +156,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         checks = [
-            ("image_size", 16 <= self.image_size <= 1024, "between 16 and 1024"),
+            ("image_size", self.image_size is None or 16 <= self.image_size <= 1024,
+             "null (chosen from the images) or between 16 and 1024"),
             ("val_fraction", 0.0 <= self.val_fraction < 0.9, "in [0, 0.9)"),
             ("batch_size", 1 <= self.batch_size <= 4096, "between 1 and 4096"),
             ("leaky_slope", 0.0 <= self.leaky_slope < 1.0, "in [0, 1)"),

@@ -87,6 +87,16 @@ def scan_image_folder(root: str | Path) -> tuple[list[Path], list[int], list[str
     return paths, labels, class_names
 
 
+# Images whose sizes the input-size rule looks at: evenly spaced over the training set.
+SIZE_SAMPLE = 256
+
+
+def short_sides(images: Sequence[ImageSource]) -> list[int]:
+    """The short side in px of up to SIZE_SAMPLE of the images, evenly spaced."""
+    step = max(1, len(images) // SIZE_SAMPLE)
+    return [min(open_image(image).size) for image in list(images)[::step][:SIZE_SAMPLE]]
+
+
 class Preprocess:
     """PIL image -> normalised float tensor (3, size, size), as the backbone expects."""
 

@@ -32,7 +32,7 @@ class Predictor:
         self.device = resolve_device(device)
         self.backbone = backbone or load_backbone(model.config.backbone, weights_dir)
         self.classifier = build_classifier(model, self.backbone, self.device)
-        self._preprocess = self.backbone.preprocess(model.config.image_size)
+        self._preprocess = self.backbone.preprocess(model.config.input_size)
         self.model_version = model_version
         self._lock = threading.Lock()
 

@@ -25,7 +25,7 @@ from lqf_core.calibration import (
 )
 from lqf_core.classifier import build_classifier
 from lqf_core.config import Method, ProbeKind, Solver, TrainConfig
-from lqf_core.data import ImageSource
+from lqf_core.data import ImageSource, short_sides
 from lqf_core.device import resolve_device
 from lqf_core.errors import InvalidConfigError, InvalidDataError, TrainingCancelled
 from lqf_core.linearize import batches
@@ -165,6 +165,24 @@ def load_inputs(images: Sequence[ImageSource] | torch.Tensor, backbone: Backbone
     return torch.stack(rows)
 
 
+def _choose_image_size(images: Sequence[ImageSource] | torch.Tensor, backbone: Backbone,
+                       config: TrainConfig) -> tuple[TrainConfig, dict]:
+    """Resolve image_size by the backbone's rule on the images (a tensor keeps its own
+    size) -> (config, what the model records about the choice)."""
+    if isinstance(images, torch.Tensor):
+        size = int(images.shape[-1])
+        return config.replace(image_size=size), {"rule": "the input tensor's size",
+                                                 "image_size": size}
+    sides = short_sides(images)
+    size = backbone.auto_image_size(sides)
+    rule = backbone.input_sizes
+    return config.replace(image_size=size), {
+        "rule": f"median short side rounded to {rule.step} px, within "
+                f"[{rule.smallest}, {rule.largest}]",
+        "median_short_side": sorted(sides)[len(sides) // 2] if sides else None,
+        "images_looked_at": len(sides), "image_size": size}
+
+
 def prefix_outputs(prefix: torch.nn.Module, x: torch.Tensor, ids: Sequence[str],
                    cache: PrefixCache | None, device: torch.device, batch_size: int,
                    report: Reporter) -> torch.Tensor:
@@ -249,7 +267,10 @@ def train_model(
             f"suffix_blocks={config.suffix_blocks} but {backbone.name} has "
             f"{backbone.num_feature_blocks} feature blocks"
         )
-    x = load_inputs(images, backbone, config.image_size, report)
+    size_rule: dict | None = None
+    if config.image_size is None:
+        config, size_rule = _choose_image_size(images, backbone, config)
+    x = load_inputs(images, backbone, config.input_size, report)
     y = torch.as_tensor(list(labels), dtype=torch.long)
     num_classes = len(class_names)
     # The exact solver's leave-one-out outputs replace the held-out fifth.
@@ -263,6 +284,8 @@ def train_model(
         "train_item_ids": [ids[i] for i in fit_idx],
         "val_item_ids": [ids[i] for i in val_idx],
     }
+    if size_rule is not None:
+        info["image_size_rule"] = size_rule
 
     loo_logits: torch.Tensor | None = None
     if config.method == Method.LINEAR_PROBE:

@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from lqf_core.activations import LeakyReLU6, swap_to_leaky
-from lqf_core.backbones import find_weights, list_backbones, load_backbone
+from lqf_core.backbones import (
+    IMAGENET_SIZES,
+    InputSizes,
+    find_weights,
+    list_backbones,
+    load_backbone,
+)
 from lqf_core.config import Method, TrainConfig
 from lqf_core.errors import InvalidConfigError, UnknownBackboneError, WeightsNotFoundError
 
@@ -86,3 +92,41 @@ def test_unset_suffix_takes_the_backbones_default_and_the_model_records_it():
                            TrainConfig.from_dict({**base, "suffix_blocks": 1}), backbone=tiny)
     assert explicit.config.suffix_blocks == 1
     assert explicit.info["num_linearized_params"] < unset.info["num_linearized_params"]
+
+
+def test_input_size_rule_rounds_the_median_short_side_to_the_stride_and_clamps():
+    rule = IMAGENET_SIZES
+    assert rule.choose([28] * 5) == 96  # small images are upsampled to 96 px
+    assert rule.choose([224, 180, 500]) == 128  # photos: the cap that bounds the cost
+    assert rule.choose([112, 130, 120]) == 128  # 120 rounds to 4 x 32
+    assert rule.choose([90, 100, 99]) == 96
+    assert rule.choose([]) == rule.smallest
+    assert InputSizes(16, 64, 8).choose([30, 31, 40]) == 32
+
+
+def test_unset_image_size_follows_the_images_and_the_model_serves_at_that_size():
+    from lqf_core.serving import Predictor
+    from lqf_core.train import train_model
+    from tests.core.images import coloured_images
+
+    tiny = load_backbone("tiny_cnn")
+    config = TrainConfig.from_dict({"backbone": "tiny_cnn", "val_fraction": 0.0,
+                                    "max_iters": 2})
+    assert config.image_size is None
+    with pytest.raises(InvalidConfigError, match="image_size is unset"):
+        _ = config.input_size
+    images, labels, names = coloured_images(per_class=4, size=40)
+    images[0] = images[0].resize((40, 90))  # one tall image does not move the median
+    model = train_model(images, labels, names, config, backbone=tiny)
+    assert model.config.image_size == 40
+    assert model.info["image_size_rule"]["median_short_side"] == 40
+    assert Predictor(model, device="cpu", backbone=tiny)._preprocess.image_size == 40
+
+    larger = [im.resize((200, 200)) for im in images]
+    assert train_model(larger, labels, names, config, backbone=tiny).config.image_size == 64
+    # an explicit size is kept, and a preprocessed tensor keeps its own
+    fixed = train_model(images, labels, names, config.replace(image_size=24), backbone=tiny)
+    assert fixed.config.image_size == 24 and "image_size_rule" not in fixed.info
+    tensor = train_model(torch.randn(8, 3, 16, 16), [0, 1] * 4, ["a", "b"], config,
+                         backbone=tiny)
+    assert tensor.config.image_size == 16
