@@ -28,6 +28,7 @@ import torch
 from bench.fashion_mnist import CLASS_NAMES, few_shot_indices, input_size, load_split, to_tensor
 from bench.transfer import machine_info
 from lqf_core.backbones import load_backbone
+from lqf_core.calibration import expected_calibration_error
 from lqf_core.classifier import build_classifier
 from lqf_core.config import TrainConfig
 from lqf_core.train import train_model
@@ -72,6 +73,14 @@ CANDIDATE_SETS: dict[str, dict[str, dict]] = {
         "image_size=64 (the old default)": {"image_size": 64},
         "defaults (the rule: 96 px here)": {},
         "image_size=128": {"image_size": 128},
+    },
+    # Where a job's temperature comes from (issue 13's "defaults hold back"): a held-out
+    # fifth, or every item trained on with cross-fitted calibration (the default up to
+    # 500 items). The dev ECE shows what each temperature is worth.
+    "calibration": {
+        "a fifth held out (the old default)": {"val_fraction": 0.2},
+        "defaults (every item; cross-fitted temperature up to 500 items)": {
+            "val_fraction": None},
     },
     # The exact optimum (solver "exact", its default weight decay) against the early stop,
     # and the early stop as a user's job runs it (a fifth held out for the temperature).
@@ -126,9 +135,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                 logits = torch.cat([classifier.logits(x_dev[i:i + 250])
                                     for i in range(0, len(x_dev), 250)])
             acc = float((logits.argmax(1) == y_dev).float().mean())
+            ece = expected_calibration_error(
+                torch.softmax(logits.double() / model.temperature, 1), y_dev)
             solver = {k: model.info.get(k) for k in
                       ("solver_iterations", "relative_grad_norm", "solver_converged")}
             runs.append({"candidate": name, "seed": seed, "dev_accuracy": acc,
+                         "dev_ece": ece, "temperature": model.temperature,
+                         "calibration": model.info.get("calibration"),
                          "train_seconds": seconds, "settings": change, **solver})
             log(f"seed {seed} {name}: dev accuracy {acc:.4f} ({seconds:.1f} s, "
                 f"{solver['solver_iterations']} its, grad {solver['relative_grad_norm']:.1e})")
@@ -146,8 +159,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def markdown(runs: list[dict], meta: dict) -> str:
     rows = ["| candidate | " + " | ".join(f"seed {s}" for s in meta["seeds"])
-            + " | mean | train s (mean) | solver its (mean) | rel. grad norm (max) |",
-            "|---|" + "---|" * (len(meta["seeds"]) + 4)]
+            + " | mean | dev ECE (mean) | train s (mean) | solver its (mean) "
+            "| rel. grad norm (max) |",
+            "|---|" + "---|" * (len(meta["seeds"]) + 5)]
     names = list(dict.fromkeys(r["candidate"] for r in runs))
     for name in names:
         mine = [r for r in runs if r["candidate"] == name]
@@ -155,8 +169,10 @@ def markdown(runs: list[dict], meta: dict) -> str:
         seconds = np.mean([r["train_seconds"] for r in mine])
         its = [r["solver_iterations"] for r in mine if r.get("solver_iterations") is not None]
         grads = [r["relative_grad_norm"] for r in mine if r.get("relative_grad_norm") is not None]
+        eces = [r["dev_ece"] for r in mine if r.get("dev_ece") is not None]
+        ece = f"{np.mean(eces):.3f}" if eces else ""
         rows.append(f"| {name} | " + " | ".join(f"{a:.2f}" for a in accs)
-                    + f" | {np.mean(accs):.2f} | {seconds:.1f} | "
+                    + f" | {np.mean(accs):.2f} | {ece} | {seconds:.1f} | "
                     + (f"{np.mean(its):.0f} | {max(grads):.1e} |" if its else " | |"))
     return (f"# LQF defaults study\n\n`{meta['command']}` — {meta['date']}, "
             f"{meta['machine'].get('cpu', '')}\n\nDev accuracy (%) on {meta['dev_size']} "

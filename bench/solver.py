@@ -26,7 +26,7 @@ import torch
 from bench.fashion_mnist import few_shot_indices, input_size, load_split, to_tensor
 from bench.transfer import machine_info
 from lqf_core.backbones import load_backbone
-from lqf_core.config import TrainConfig
+from lqf_core.config import DEFAULT_VAL_FRACTION, TrainConfig
 from lqf_core.linearize import batches
 from lqf_core.lqf import build_lqf_problem, kfac_preconditioner, solve_quadratic
 from lqf_core.train import split_by_item
@@ -113,7 +113,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     config = TrainConfig(suffix_blocks=SUFFIX_BLOCKS)
     x = to_tensor(x_pool[idx], input_size(config, backbone), backbone.mean, backbone.std)
     y = torch.as_tensor(y_pool[idx])
-    fit, val = split_by_item(y.tolist(), [str(i) for i in idx], config.val_fraction, args.seed)
+    fit, val = split_by_item(y.tolist(), [str(i) for i in idx], DEFAULT_VAL_FRACTION,
+                             args.seed)
     prefix = backbone.split(config.suffix_blocks)[0]
     with torch.no_grad():
         z = torch.cat([prefix(x[sl]) for sl in batches(len(x), 128)])

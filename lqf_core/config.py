@@ -43,6 +43,23 @@ class Solver(StrEnum):
     EXACT = "exact"
 
 
+class Calibration(StrEnum):
+    """Where a job's temperature and held-out metrics came from (info.calibration)."""
+
+    HOLDOUT = "holdout"  # val_fraction of the items kept out of training
+    # every item trained on; 5-fold out-of-fold outputs (crossfit.py)
+    CROSSFIT = "crossfit"
+    LOO = "loo"  # solver "exact": every item trained on; exact leave-one-out outputs
+
+
+# When val_fraction is unset, an LQF job (solver pcg) on up to this many items trains on
+# every item and calibrates by cross-fitting (5 more fits on 80 % of the items each),
+# where a held-out fifth costs the most accuracy and extra fits cost the least; larger
+# jobs hold out DEFAULT_VAL_FRACTION.
+CROSSFIT_CALIBRATION_MAX_ITEMS = 500
+DEFAULT_VAL_FRACTION = 0.2
+
+
 class ProbeKind(StrEnum):
     RIDGE = "ridge"
     LOGISTIC = "logistic"
@@ -66,8 +83,10 @@ class TrainConfig:
     image_size: int | None = None
     seed: int = 0
     # Fraction of the training items held out to fit the softmax temperature and report
-    # validation metrics. 0 trains on everything and skips calibration.
-    val_fraction: float = 0.2  # not used by solver "exact": leave-one-out replaces it
+    # validation metrics; 0 trains on everything and skips calibration. None: cross-fit
+    # small LQF jobs, else hold out DEFAULT_VAL_FRACTION (see Calibration). Solver
+    # "exact" ignores it: its leave-one-out outputs calibrate it.
+    val_fraction: float | None = None
     batch_size: int = 64
     device: str = "auto"
 
@@ -158,7 +177,8 @@ class TrainConfig:
         checks = [
             ("image_size", self.image_size is None or 16 <= self.image_size <= 1024,
              "null (chosen from the images) or between 16 and 1024"),
-            ("val_fraction", 0.0 <= self.val_fraction < 0.9, "in [0, 0.9)"),
+            ("val_fraction", self.val_fraction is None or 0.0 <= self.val_fraction < 0.9,
+             "null (chosen by the job's size) or in [0, 0.9)"),
             ("batch_size", 1 <= self.batch_size <= 4096, "between 1 and 4096"),
             ("leaky_slope", 0.0 <= self.leaky_slope < 1.0, "in [0, 1)"),
             ("suffix_blocks", self.suffix_blocks is None or 0 <= self.suffix_blocks <= 64,

@@ -4,9 +4,11 @@ the prediction.
 
 * mislabel score: ||residual of the model that did not learn from the item||^2 / kappa^2.
   For a training item that is its leave-one-out residual (LQFPosterior.self_influence):
-  exact where the model stores its leave-one-out outputs (solver "exact"), else by the
-  K-FAC leverages. For an item the job held out (the temperature's fifth) it is the
-  served model's own residual, exact;
+  exact where the model stores its leave-one-out outputs (solver "exact"); the
+  cross-fitted residual where the job cross-fitted its temperature (the model then
+  carries the scores, info["crossfit"]: the model trained without the item's fifth);
+  else by the K-FAC leverages. For an item the job held out (the temperature's fifth) it
+  is the served model's own residual, exact;
 * neighbors: the other training items whose removal would lower the item's predicted
   output the most (first-order influence, K-FAC), strongest first. Each costs one pass
   over the training set, so only the `neighbors_for` items with the highest mislabel
@@ -86,10 +88,16 @@ def review_items(posterior: LQFPosterior,
                  ) -> tuple[list[ItemReview], str]:
     """A review of every training item, then of each held-out item (prefix outputs,
     class indices) -> (reviews, the solver of the training items' mislabel scores:
-    "exact" or "kfac")."""
+    "exact", "crossfit" or "kfac")."""
     kappa = posterior.model.config.kappa
+    crossfit = posterior.model.info.get("crossfit")
     with posterior.interruptible(should_stop):
-        train_scores, train_loo = posterior.self_influence(exact=False)
+        if crossfit is not None and posterior.stored_loo_outputs is None:
+            train_scores = torch.tensor(crossfit["scores"], dtype=posterior.problem.z.dtype,
+                                        device=posterior.problem.z.device)
+            train_loo = torch.tensor(crossfit["predicted"], device=train_scores.device)
+        else:
+            train_scores, train_loo = posterior.self_influence(exact=False)
         z_all, outputs = posterior.problem.z, posterior.train_outputs
         scores, loo_labels = train_scores, train_loo
         if held_out is not None and len(held_out[1]):
@@ -112,7 +120,8 @@ def review_items(posterior: LQFPosterior,
             order = torch.argsort(support)  # most negative first: removing it hurts most
             neighbors[i] = [int(j) for j in order[:top_k] if support[j] < 0]
     predicted = probabilities.argmax(1)
-    solver = "exact" if posterior.stored_loo_outputs is not None else "kfac"
+    solver = ("exact" if posterior.stored_loo_outputs is not None
+              else "crossfit" if crossfit is not None else "kfac")
     n = posterior.n
     reviews = [ItemReview(index=i if i < n else i - n, held_out=i >= n,
                           predicted=int(predicted[i]),

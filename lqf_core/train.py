@@ -24,7 +24,15 @@ from lqf_core.calibration import (
     negative_log_likelihood,
 )
 from lqf_core.classifier import build_classifier
-from lqf_core.config import Method, ProbeKind, Solver, TrainConfig
+from lqf_core.config import (
+    CROSSFIT_CALIBRATION_MAX_ITEMS,
+    DEFAULT_VAL_FRACTION,
+    Calibration,
+    Method,
+    ProbeKind,
+    Solver,
+    TrainConfig,
+)
 from lqf_core.data import ImageSource, short_sides
 from lqf_core.device import resolve_device
 from lqf_core.errors import InvalidConfigError, InvalidDataError, TrainingCancelled
@@ -165,6 +173,41 @@ def load_inputs(images: Sequence[ImageSource] | torch.Tensor, backbone: Backbone
     return torch.stack(rows)
 
 
+def _calibration(config: TrainConfig, ids: Sequence[str]) -> tuple[Calibration, float]:
+    """(how this job calibrates, the fraction it holds out): leave-one-out (solver exact),
+    cross-fitting (small LQF jobs that leave val_fraction unset; the items must fall in
+    at least 2 folds) or a held-out fraction."""
+    lqf = config.method == Method.LQF
+    if lqf and config.solver == Solver.EXACT:
+        return Calibration.LOO, 0.0
+    if config.val_fraction is not None:
+        return Calibration.HOLDOUT, config.val_fraction
+    if lqf and len(ids) <= CROSSFIT_CALIBRATION_MAX_ITEMS:
+        from lqf_core.crossfit import DEFAULT_FOLDS, fold_of  # crossfit imports this module
+
+        if len({fold_of(i, DEFAULT_FOLDS, config.seed) for i in ids}) >= 2:
+            return Calibration.CROSSFIT, 0.0
+    return Calibration.HOLDOUT, DEFAULT_VAL_FRACTION
+
+
+def _cross_fitted_outputs(backbone: Backbone, z: torch.Tensor, y: torch.Tensor,
+                          num_classes: int, config: TrainConfig, ids: Sequence[str],
+                          device: torch.device, report: Reporter, info: dict) -> torch.Tensor:
+    """Each item's output from LQF fitted, as this job is, without the item's fold. The
+    mislabel scores that come with them (crossfit.py) go into info["crossfit"], in
+    train_item_ids order: the model's cross-fitted self-influence, at no further cost."""
+    from lqf_core.crossfit import DEFAULT_FOLDS, cross_fit  # crossfit imports this module
+
+    started = time.monotonic()
+    result = cross_fit(backbone, z, y.to(device), num_classes, config, ids, device=device,
+                       on_fold=lambda k, total: report("crossfit", k, total),
+                       should_stop=report.check_cancel_flag)
+    info["crossfit"] = {"folds": DEFAULT_FOLDS, "seconds": time.monotonic() - started,
+                        "labels": y.tolist(), "scores": result.scores.tolist(),
+                        "predicted": result.predicted.tolist()}
+    return result.outputs
+
+
 def _choose_image_size(images: Sequence[ImageSource] | torch.Tensor, backbone: Backbone,
                        config: TrainConfig) -> tuple[TrainConfig, dict]:
     """Resolve image_size by the backbone's rule on the images (a tensor keeps its own
@@ -273,9 +316,9 @@ def train_model(
     x = load_inputs(images, backbone, config.input_size, report)
     y = torch.as_tensor(list(labels), dtype=torch.long)
     num_classes = len(class_names)
-    # The exact solver's leave-one-out outputs replace the held-out fifth.
-    exact = config.method == Method.LQF and config.solver == Solver.EXACT
-    val_fraction = 0.0 if exact else config.val_fraction
+    # The exact solver's leave-one-out outputs, or cross-fitted ones, replace the held-out
+    # fifth: such a job trains on every item.
+    calibration, val_fraction = _calibration(config, ids)
     fit_idx, val_idx = split_by_item(labels, ids, val_fraction, config.seed)
     x_fit, y_fit, x_val, y_val = x[fit_idx], y[fit_idx], x[val_idx], y[val_idx]
     info: dict = {
@@ -287,16 +330,21 @@ def train_model(
     if size_rule is not None:
         info["image_size_rule"] = size_rule
 
+    info["calibration"] = calibration.value
     loo_logits: torch.Tensor | None = None
+    cv_logits: torch.Tensor | None = None
     if config.method == Method.LINEAR_PROBE:
         tensors = _train_linear_probe(backbone, x_fit, y_fit, num_classes, config, device, report)
     elif config.method == Method.LQF:
-        prefix = backbone.split(config.suffix_blocks)[0].to(device)
+        prefix = backbone.split(config.suffix)[0].to(device)
         z_fit = prefix_outputs(prefix, x_fit, info["train_item_ids"], prefix_cache, device,
                                config.batch_size, report)
         tensors, lqf_info, train_logits, loo_logits = _train_lqf(
             backbone, z_fit, y_fit, num_classes, config, device, report, warm_start)
         info.update(lqf_info)
+        if calibration == Calibration.CROSSFIT:
+            cv_logits = _cross_fitted_outputs(backbone, z_fit, y_fit, num_classes, config,
+                                              info["train_item_ids"], device, report, info)
     else:
         probe_config = config.replace(method=Method.LINEAR_PROBE, probe=ProbeKind.LOGISTIC)
         probe = _train_linear_probe(backbone, x_fit, y_fit, num_classes, probe_config,
@@ -323,13 +371,15 @@ def train_model(
         model.temperature = fit_temperature(val_logits, y_val)
         model.metrics.update(_held_out_metrics("val", val_logits, y_val, model.temperature))
         model.info["heldout"] = _held_out_record("val", info["val_item_ids"], val_logits)
-    elif loo_logits is not None:
-        # Each item's output from the model trained without it: an honest held-out set
-        # of size N, at no extra training.
-        loo = loo_logits.cpu().double()
-        model.temperature = fit_temperature(loo, y_fit)
-        model.metrics.update(_held_out_metrics("loo", loo, y_fit, model.temperature))
-        model.info["heldout"] = _held_out_record("loo", info["train_item_ids"], loo)
+    elif loo_logits is not None or cv_logits is not None:
+        # Each item's output from a model trained without it (without the item itself, or
+        # without its fold): an honest held-out set of size N.
+        split, held = ("loo", loo_logits) if loo_logits is not None else ("cv", cv_logits)
+        assert held is not None
+        held = held.cpu().double()
+        model.temperature = fit_temperature(held, y_fit)
+        model.metrics.update(_held_out_metrics(split, held, y_fit, model.temperature))
+        model.info["heldout"] = _held_out_record(split, info["train_item_ids"], held)
     if config.method != Method.LQF:  # LQF has them from the solve, without the prefix
         train_logits = classifier.logits(x_fit.to(device))
     model.metrics["train_accuracy"] = accuracy(train_logits.cpu(), y_fit)

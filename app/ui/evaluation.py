@@ -15,7 +15,9 @@ RELIABILITY_BINS = 10
 
 @dataclass
 class Evaluation:
-    split: str  # "val": held out of training; "loo": each item left out (exact solver)
+    # "val": held out of training; "loo": each item left out (exact solver); "cv": each
+    # item's fold left out (cross-fitted calibration)
+    split: str
     classes: list[str]
     confusion: list[list[int]]  # [true][predicted]
     per_class_accuracy: list[float | None]

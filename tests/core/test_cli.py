@@ -14,7 +14,7 @@ def test_train_then_predict_json(tmp_path, capsys):
     data = write_image_folder(tmp_path / "data", per_class=8)
     assert main(["train", str(data), "--out", str(tmp_path / "model"), *FAST]) == 0
     out = capsys.readouterr().out
-    assert "val_accuracy" in out and "saved to" in out
+    assert "cv_accuracy" in out and "saved to" in out  # 24 items: cross-fitted calibration
     images = sorted(str(p) for p in (data / "red").iterdir())[:2]
     assert main(["predict", str(tmp_path / "model"), *images, "--json", "--device", "cpu"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()

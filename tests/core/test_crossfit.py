@@ -72,3 +72,41 @@ def test_cross_fit_refuses_bad_requests(backbone, data):
                         backbone=backbone)
     with pytest.raises(InvalidDataError, match="lqf"):
         cross_fit_model(probe, x, labels.tolist(), ids, backbone=backbone)
+
+
+def test_a_small_default_job_trains_on_every_item_and_calibrates_on_cross_fitted_outputs(
+        backbone, data):
+    from lqf_core.calibration import fit_temperature
+    from lqf_core.config import CROSSFIT_CALIBRATION_MAX_ITEMS
+    from lqf_core.crossfit import DEFAULT_FOLDS
+
+    x, labels = data
+    ids = [f"item-{i}" for i in range(len(labels))]
+    unset = CONFIG.replace(val_fraction=None)
+    model = train_model(x, labels.tolist(), NAMES, unset, backbone=backbone, item_ids=ids)
+    assert model.info["calibration"] == "crossfit"
+    assert model.info["num_val"] == 0 and model.info["train_item_ids"] == ids
+    # the held-out outputs are those of cross-fitting the served model, by definition
+    expected = cross_fit_model(model, x, labels.tolist(), ids, folds=DEFAULT_FOLDS,
+                               backbone=backbone).outputs
+    heldout = model.info["heldout"]
+    assert heldout["split"] == "cv" and heldout["item_ids"] == ids
+    logits = torch.tensor(heldout["logits"], dtype=torch.float64)
+    assert torch.allclose(logits, expected, atol=1e-4)
+    assert model.temperature == pytest.approx(fit_temperature(logits, labels), rel=1e-3)
+    assert {"cv_accuracy", "cv_nll", "cv_ece"} <= set(model.metrics)
+    # the served model is the one trained on every item
+    every = train_model(x, labels.tolist(), NAMES, CONFIG, backbone=backbone, item_ids=ids)
+    assert model.tensors.keys() == every.tensors.keys()
+    assert all(torch.equal(t, every.tensors[name]) for name, t in model.tensors.items())
+
+    # an explicit fraction holds out, and so does a job too large for cross-fitting
+    explicit = train_model(x, labels.tolist(), NAMES, CONFIG.replace(val_fraction=0.2),
+                           backbone=backbone, item_ids=ids)
+    assert explicit.info["calibration"] == "holdout" and explicit.info["num_val"] > 0
+    n = CROSSFIT_CALIBRATION_MAX_ITEMS + 1
+    big = train_model(torch.randn(n, 3, 12, 12, dtype=torch.float64),
+                      (torch.arange(n) % 3).tolist(), NAMES, unset.replace(max_iters=1),
+                      backbone=backbone)
+    assert big.info["calibration"] == "holdout" and big.info["num_val"] == pytest.approx(
+        0.2 * n, abs=3)

@@ -95,3 +95,24 @@ def test_items_the_job_held_out_are_scored_by_the_served_model(backbone):
         residual = float(((target - outputs[r.index]) ** 2).sum()) / 4.0
         assert r.mislabel_score == pytest.approx(residual, rel=1e-9)
         assert r.neighbors is not None and len(r.neighbors) <= 2
+
+
+def test_a_cross_fitted_job_is_reviewed_with_its_cross_fitted_scores(backbone):
+    from lqf_core.crossfit import cross_fit_model
+
+    x, labels, _ = colour_shifted_images(7, {1: (1, 3.0), 2: (2, -3.0)}, n=15)
+    labels = labels.clone()
+    labels[FLIPPED] = 2
+    config = CONFIG.replace(solver=Solver.PCG, val_fraction=None)  # 15 items: cross-fit
+    ids = [str(i) for i in range(len(labels))]
+    model = train_model(x, labels.tolist(), ["a", "b", "c"], config, backbone=backbone,
+                        item_ids=ids)
+    assert model.info["calibration"] == "crossfit" and model.info["train_item_ids"] == ids
+    with torch.no_grad():
+        z = backbone.split(config.suffix)[0](x)
+    reviews, solver = review_items(LQFPosterior(model, backbone, z, labels), top_k=2)
+    assert solver == "crossfit"
+    expected = cross_fit_model(model, x, labels.tolist(), ids, backbone=backbone)
+    assert [r.mislabel_score for r in reviews] == pytest.approx(expected.scores.tolist(),
+                                                                rel=1e-9)
+    assert [r.loo_label for r in reviews] == expected.predicted.tolist()

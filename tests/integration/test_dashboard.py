@@ -318,8 +318,12 @@ def test_forget_from_review_makes_a_new_version(tab: Tab, alice: httpx.Client,
     job = submit(alice, shapes_dataset["id"], method="lqf", model_name=name)
     done = wait_job(alice, job["id"], FINAL)
     assert done["status"] == "succeeded", done
+    # a default 60-item job trains on every item and cross-fits its temperature
+    assert "cv_accuracy" in alice.get(f"/models/{done['model_id']}").json()["metrics"]
     tab.sign_in()
     page = tab.page
+    page.goto(f"/ui/models/{name}")
+    assert page.locator("text=5-fold cross-fitting").count() == 1
     page.goto(f"/ui/models/{name}/review")
     _wait_for(page, "ul.review li.thumb", time.monotonic() + 90)
     first = page.locator("ul.review li.thumb").first

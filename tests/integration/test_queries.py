@@ -141,6 +141,23 @@ def test_self_influence_by_crossfit_is_a_job_then_a_ranking(alice, bob, noisy):
             assert e["predicted_label"] != e["label"]
 
 
+def test_a_small_default_job_comes_with_its_cross_fitted_ranking(alice, noisy):
+    # Before the forget tests, which exclude items of the dataset. val_fraction unset: a
+    # 30-item LQF job trains on every item and cross-fits its temperature, so the ranking
+    # the self-influence job would compute is stored with the model: no job, no wait.
+    job = submit(alice, noisy["dataset"]["id"], method="lqf",
+                 hyperparameters={"image_size": 32, "max_iters": 30})
+    done = wait_job(alice, job["id"], FINAL)
+    assert done["status"] == "succeeded", done
+    model = alice.get(f"/models/{done['model_id']}").json()
+    assert "cv_accuracy" in model["metrics"] and "val_accuracy" not in model["metrics"]
+    r = alice.get(f"/models/{model['id']}/self-influence", params={"limit": 6})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["method"] == "crossfit" and body["folds"] == 5
+    assert_ranking(body, noisy, {it["id"]: it["label"] for it in noisy["items"]})
+
+
 def test_predict_with_uncertainty(alice, noisy):
     model_id = noisy["model"]["id"]
     images = [png(s) for s in (101, 102)]

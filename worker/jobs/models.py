@@ -14,6 +14,7 @@ from state.artifacts import ArtifactStore, read_json, write_json
 from state.ids import new_id, utc_now
 from state.records import DatasetManifest, ItemsGone, ModelRecord, item_ids_of
 from state.registry import Registry
+from worker.jobs.crossfit_ranking import crossfit_ranking
 from worker.lifecycle import JobContext, JobFailure, Outcome, Undo, job_device
 
 
@@ -98,6 +99,13 @@ def _store_model(artifacts: ArtifactStore, job: dict[str, Any], config: TrainCon
             "forgotten_item_ids": item_ids_of(model.info, "forgotten_item_ids"),
         }
         write_json(staging / "record.json", record)
+        crossfit = model.info.get("crossfit")
+        if crossfit is not None:
+            # The job cross-fitted its temperature: its mislabel ranking comes with it.
+            write_json(staging / artifacts.self_influence_path(model_id).name, crossfit_ranking(
+                model_id, job["id"], model.class_names, model.info["train_item_ids"],
+                crossfit["labels"], crossfit["scores"], crossfit["predicted"],
+                crossfit["seconds"]))
         artifacts.commit(staging, artifacts.model_dir(model_id))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -5,11 +5,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import torch
-
 from lqf_core.crossfit import DEFAULT_FOLDS, cross_fit_model
 from state.artifacts import ArtifactStore, write_json
-from state.ids import utc_now
+from worker.jobs.crossfit_ranking import crossfit_ranking
 from worker.jobs.models import model_items, parent_model, require_dataset
 from worker.lifecycle import JobContext, Outcome, Undo
 
@@ -25,15 +23,8 @@ def compute_self_influence(job: dict[str, Any], context: JobContext) -> Outcome:
                              progress=context.progress, should_stop=context.should_stop,
                              weights_dir=context.settings.weights_dirs())
     seconds = time.monotonic() - started
-    order = torch.argsort(result.scores, descending=True).tolist()
-    names = model.class_names
-    scores = {
-        "model_id": model_id, "method": "crossfit", "folds": DEFAULT_FOLDS,
-        "job_id": job["id"], "created_at": utc_now(), "seconds": seconds,
-        "items": [{"item_id": int(ids[i]), "label": names[labels[i]],
-                   "predicted_label": names[int(result.predicted[i])],
-                   "score": float(result.scores[i])} for i in order],
-    }
+    scores = crossfit_ranking(model_id, job["id"], model.class_names, ids, labels,
+                              result.scores.tolist(), result.predicted.tolist(), seconds)
 
     def store(artifacts: ArtifactStore) -> tuple[dict[str, str], Undo]:
         path = artifacts.self_influence_path(model_id)
