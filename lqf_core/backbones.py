@@ -40,7 +40,7 @@ class GlobalPool(nn.Module):
 @dataclass(frozen=True)
 class InputSizes:
     """The input-size rule: the images' median short side, rounded to a multiple of
-    `step` (the network's total stride, so no row or column is lost to it), clamped to
+    `step` (the network's total stride, so every feature map divides evenly), clamped to
     [smallest, largest]. The lower clamp upsamples small images towards the scale the
     backbone was pre-trained at, the upper one bounds the training cost, which grows with
     the feature maps (docs/method.md, "The input size")."""
