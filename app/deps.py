@@ -6,7 +6,6 @@ import base64
 import binascii
 import hmac
 from functools import lru_cache
-from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -17,6 +16,7 @@ from app.errors import ApiError
 from app.limits import admit_request
 from state.artifacts import ArtifactStore
 from state.jobstore import JobStore
+from state.stores import artifacts_for
 
 _bearer = HTTPBearer(auto_error=False, description="An API key from LQF_API_KEYS")
 
@@ -30,13 +30,8 @@ def get_job_store() -> JobStore:
     return _job_store(get_settings().redis_url)
 
 
-@lru_cache
-def _artifact_store(data_dir: Path) -> ArtifactStore:
-    return ArtifactStore(data_dir).ensure()
-
-
 def get_artifacts() -> ArtifactStore:
-    return _artifact_store(get_settings().data_dir)
+    return artifacts_for(get_settings())
 
 
 # The dependencies are `async def` although they do no I/O: FastAPI runs a plain `def`

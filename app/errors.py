@@ -22,6 +22,8 @@ from lqf_core.errors import (
     UnknownBackboneError,
     WeightsNotFoundError,
 )
+from state.locks import StoreBusy
+from state.remote import IntegrityError
 
 log = logging.getLogger("lqf.api")
 
@@ -144,6 +146,16 @@ def install_error_handlers(app: FastAPI) -> None:
             if isinstance(exc, cls):
                 return _respond(request, status, str(exc), code)
         return _respond(request, 400, str(exc), "lqf_error")
+
+    @app.exception_handler(StoreBusy)
+    async def _store_busy(request: Request, exc: StoreBusy) -> Response:
+        return _respond(request, 503, str(exc), "store_busy", {"Retry-After": "5"})
+
+    @app.exception_handler(IntegrityError)
+    async def _integrity(request: Request, exc: IntegrityError) -> Response:
+        log.error("artifact failed verification", extra={"path": request.url.path,
+                                                        "error": str(exc)})
+        return _respond(request, 503, str(exc), "artifact_corrupted")
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:

@@ -16,15 +16,13 @@ Layout: labelstudio/{sha256(secret)}.json, written atomically under a lock per f
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import secrets
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
-from state.artifacts import read_json, write_json
+from state.artifacts import ArtifactStore
 from state.ids import new_id, utc_now
 
 
@@ -74,8 +72,9 @@ def secret_key(secret: str) -> str:
 
 
 class ConnectionStore:
-    def __init__(self, root: Path | str):
-        self.root = Path(root) / "labelstudio"
+    def __init__(self, artifacts: ArtifactStore):
+        self.artifacts = artifacts
+        self.root = artifacts.root / "labelstudio"
 
     def create(self, tenant: str, name: str, min_annotations: int,
                training: dict[str, Any]) -> tuple[Connection, str]:
@@ -84,8 +83,7 @@ class ConnectionStore:
         conn = Connection(id=new_id("lsc"), key=secret_key(secret), tenant=tenant, name=name,
                           created_at=utc_now(), min_annotations=min_annotations,
                           training=training)
-        self.root.mkdir(parents=True, exist_ok=True)
-        write_json(self.root / f"{conn.key}.json", asdict(conn))
+        self.artifacts.write_doc(self.root / f"{conn.key}.json", asdict(conn))
         return conn, secret
 
     def by_secret(self, secret: str) -> Connection | None:
@@ -95,7 +93,7 @@ class ConnectionStore:
         if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
             return None
         try:
-            return Connection.from_json(read_json(self.root / f"{key}.json"))
+            return Connection.from_json(self.artifacts.read_doc(self.root / f"{key}.json"))
         except FileNotFoundError:
             return None
 
@@ -103,25 +101,19 @@ class ConnectionStore:
         return next((c for c in self.list(tenant) if c.id == conn_id), None)
 
     def list(self, tenant: str) -> list[Connection]:
-        if not self.root.is_dir():
-            return []
-        out = [Connection.from_json(read_json(p)) for p in sorted(self.root.glob("*.json"))]
+        out = [Connection.from_json(d) for d in self.artifacts.list_docs(self.root)]
         return sorted((c for c in out if c.tenant == tenant), key=lambda c: c.created_at)
 
     @contextlib.contextmanager
     def updating(self, key: str) -> Iterator[Connection]:
         """Read-modify-write one connection under its lock; written when the block ends."""
         path = self.root / f"{key}.json"
-        with open(path.with_suffix(".lock"), "a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                conn = Connection.from_json(read_json(path))
-                yield conn
-                conn.updated_at = utc_now()
-                write_json(path, asdict(conn))
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        with self.artifacts.doc_lock(path):
+            conn = Connection.from_json(self.artifacts.read_doc(path))
+            yield conn
+            conn.updated_at = utc_now()
+            self.artifacts.write_doc(path, asdict(conn))
 
     def delete(self, key: str) -> None:
-        (self.root / f"{key}.json").unlink(missing_ok=True)
+        self.artifacts.delete_doc(self.root / f"{key}.json")
         (self.root / f"{key}.lock").unlink(missing_ok=True)

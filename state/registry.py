@@ -12,7 +12,6 @@ Layout: registry/{tenant}/{name}.json, written atomically under a per-name lock.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from state.artifacts import read_json, write_json
+from state.artifacts import ArtifactStore
 from state.ids import is_valid_id, utc_now
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -102,8 +101,9 @@ def check_name(name: str) -> str:
 
 
 class Registry:
-    def __init__(self, root: Path | str):
-        self.root = Path(root) / "registry"
+    def __init__(self, artifacts: ArtifactStore):
+        self.artifacts = artifacts
+        self.root = artifacts.root / "registry"
 
     def _folder(self, tenant: str) -> Path:
         # Tenants come from our own configuration (LQF_API_KEYS), but may hold any
@@ -117,24 +117,17 @@ class Registry:
     def _locked(self, tenant: str, name: str) -> Iterator[Path]:
         path = self._path(tenant, name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.with_suffix(".lock"), "a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield path
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        with self.artifacts.doc_lock(path):
+            yield path
 
     def get(self, tenant: str, name: str) -> ModelName | None:
         try:
-            return ModelName.from_json(read_json(self._path(tenant, name)))
+            return ModelName.from_json(self.artifacts.read_doc(self._path(tenant, name)))
         except FileNotFoundError:
             return None
 
     def list(self, tenant: str) -> list[ModelName]:
-        folder = self._folder(tenant)
-        if not folder.is_dir():
-            return []
-        names = [ModelName.from_json(read_json(p)) for p in sorted(folder.glob("*.json"))]
+        names = [ModelName.from_json(d) for d in self.artifacts.list_docs(self._folder(tenant))]
         return sorted(names, key=lambda n: n.name)
 
     def add_version(self, tenant: str, name: str, model_id: str,
@@ -144,7 +137,7 @@ class Registry:
             entry = self.get(tenant, name) or ModelName(name, tenant, utc_now())
             number = (entry.latest.version if entry.latest else 0) + 1
             entry.versions.append(Version(number, model_id, utc_now(), job_id))
-            write_json(path, entry.to_json())
+            self.artifacts.write_doc(path, entry.to_json())
         return number
 
     def remove_version(self, tenant: str, name: str, model_id: str) -> None:
@@ -156,7 +149,7 @@ class Registry:
             entry.versions = [v for v in entry.versions if v.model_id != model_id]
             numbers = {v.version for v in entry.versions}
             entry.aliases = {a: n for a, n in entry.aliases.items() if n in numbers}
-            write_json(path, entry.to_json())
+            self.artifacts.write_doc(path, entry.to_json())
 
     def set_alias(self, tenant: str, name: str, alias: str, version: int) -> ModelName:
         if alias == LATEST:
@@ -168,7 +161,7 @@ class Registry:
             entry = self._existing(tenant, name)
             entry.version(version)  # must exist
             entry.aliases[alias] = version
-            write_json(path, entry.to_json())
+            self.artifacts.write_doc(path, entry.to_json())
         return entry
 
     def delete_alias(self, tenant: str, name: str, alias: str) -> ModelName:
@@ -177,7 +170,7 @@ class Registry:
             if alias not in entry.aliases:
                 raise RegistryError(f"{name} has no alias {alias!r} to delete")
             del entry.aliases[alias]
-            write_json(path, entry.to_json())
+            self.artifacts.write_doc(path, entry.to_json())
         return entry
 
     def _existing(self, tenant: str, name: str) -> ModelName:

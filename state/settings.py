@@ -15,6 +15,14 @@ class CommonSettings(BaseSettings):
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     data_dir: Path = Path("data")
+    # Where datasets and models are kept: unset or a path is a directory (shared by every
+    # host, e.g. NFS), `s3://bucket/prefix` object storage, with data_dir then each host's
+    # verified local copy. s3_endpoint_url points boto3 at an S3-compatible server (MinIO).
+    artifacts: str | None = None
+    s3_endpoint_url: str | None = None
+    # With object storage: how long a host serves its copy of a model before checking the
+    # bucket again (the longest a deletion takes to reach every replica).
+    remote_check_s: float = 2.0
     queue: str = "lqf"
     # A running job holds a lease in Redis that its worker renews every lease_ttl_s / 3;
     # once the lease has expired the job is known to have lost its worker (see README).

@@ -29,6 +29,7 @@ from lqf_core.errors import Cancelled, LQFError
 from lqf_core.train import Progress
 from state.artifacts import ArtifactStore
 from state.jobstore import JobStatus, JobStore
+from state.stores import artifacts_for
 from worker.config import WorkerSettings
 
 T = TypeVar("T")
@@ -237,7 +238,7 @@ def _execute(jobs: JobStore, job: dict[str, Any], settings: WorkerSettings, leas
     def record(fn: Callable[[], T]) -> T:
         return while_redis_restarts(fn, patience)
 
-    artifacts = ArtifactStore(settings.data_dir)
+    artifacts = artifacts_for(settings)
     stopper = Stopper(jobs, job_id, lease)
     context = JobContext(artifacts, settings, ProgressReporter(jobs, job_id), stopper)
     try:

@@ -108,7 +108,7 @@ def item_file(store: ArtifactStore, tenant: str, dataset_id: str, item_id: int) 
 def source(store: ArtifactStore, tenant: str, dataset_id: str) -> dict[str, Any]:
     get_meta(store, tenant, dataset_id)
     try:
-        data: dict[str, Any] = read_json(store.dataset_dir(dataset_id) / "source.json")
+        data: dict[str, Any] = read_json(store.local_dataset(dataset_id) / "source.json")
     except FileNotFoundError:
         raise ApiError(404, f"dataset {dataset_id} was uploaded, not imported: it has no "
                             "source record", "no_source") from None

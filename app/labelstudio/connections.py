@@ -116,7 +116,7 @@ def create_connection(body: ConnectionCreate, tenant: Tenant, store: Artifacts,
                                 "hyperparameters": body.hyperparameters, "seed": body.seed}
     # Refused now what would make every training job fail (422 naming it).
     jobs_service.validate(JobCreate(dataset_id="", **training), settings)
-    conn, secret = ConnectionStore(store.root).create(tenant, body.name, body.min_annotations,
+    conn, secret = ConnectionStore(store).create(tenant, body.name, body.min_annotations,
                                                       training)
     return ConnectionCreated(**_public(conn, jobs).model_dump(), url_path=f"/ls/{secret}")
 
@@ -124,12 +124,12 @@ def create_connection(body: ConnectionCreate, tenant: Tenant, store: Artifacts,
 @manage.get("", response_model=Page[ConnectionPublic])
 def list_connections(tenant: Tenant, store: Artifacts, jobs: Jobs, limit: Limit = 100,
                      offset: Offset = 0) -> Page[ConnectionPublic]:
-    return page(ConnectionStore(store.root).list(tenant), limit, offset,
+    return page(ConnectionStore(store).list(tenant), limit, offset,
                 lambda c: _public(c, jobs))
 
 
 def _owned(store: ArtifactStore, tenant: str, conn_id: str) -> Connection:
-    conn = ConnectionStore(store.root).by_id(tenant, conn_id)
+    conn = ConnectionStore(store).by_id(tenant, conn_id)
     if conn is None:
         raise ApiError(404, f"connection {conn_id!r} not found", "connection_not_found")
     return conn
@@ -144,7 +144,7 @@ def get_connection(conn_id: str, tenant: Tenant, store: Artifacts,
 
 @manage.delete("/{conn_id}", status_code=204)
 def delete_connection(conn_id: str, tenant: Tenant, store: Artifacts) -> Response:
-    ConnectionStore(store.root).delete(_owned(store, tenant, conn_id).key)
+    ConnectionStore(store).delete(_owned(store, tenant, conn_id).key)
     return Response(status_code=204)
 
 
@@ -152,7 +152,7 @@ def delete_connection(conn_id: str, tenant: Tenant, store: Artifacts) -> Respons
 
 
 def _connection(secret: str, store: Artifacts) -> Connection:
-    conn = ConnectionStore(store.root).by_secret(secret)
+    conn = ConnectionStore(store).by_secret(secret)
     if conn is None:
         raise ApiError(404, "not found", "not_found")  # as for any unknown path
     return conn
@@ -162,7 +162,7 @@ Conn = Annotated[Connection, Depends(_connection)]
 
 
 def _name(store: ArtifactStore, conn: Connection) -> ModelName | None:
-    return Registry(store.root).get(conn.tenant, conn.name)
+    return Registry(store).get(conn.tenant, conn.name)
 
 
 def _label(conn: Connection, version: Version) -> str:
@@ -189,7 +189,7 @@ def _untrained(conn: Connection) -> str:
 def _remember_error(store: ArtifactStore, conn: Connection, message: str) -> None:
     log.warning("label studio request refused", extra={"connection": conn.id,
                                                        "error": message})
-    with ConnectionStore(store.root).updating(conn.key) as c:
+    with ConnectionStore(store).updating(conn.key) as c:
         c.last_error = message
 
 
@@ -241,7 +241,7 @@ def _setup(conn: Connection, body: dict[str, Any], store: ArtifactStore,
     except ApiError as exc:
         _remember_error(store, conn, str(exc.detail))
         raise
-    with ConnectionStore(store.root).updating(conn.key) as c:
+    with ConnectionStore(store).updating(conn.key) as c:
         c.label_studio_url = hostname or c.label_studio_url or settings.label_studio_url or None
         token = body.get("access_token")
         c.access_token = token if isinstance(token, str) and token else c.access_token
@@ -298,7 +298,7 @@ async def train(conn: Conn, request: Request, store: Artifacts, jobs: Jobs,
 
 def _count_and_train(store: ArtifactStore, jobs: JobStore, settings: Settings,
                      conn: Connection, body: dict[str, Any], force: bool) -> dict[str, Any]:
-    with ConnectionStore(store.root).updating(conn.key) as c:
+    with ConnectionStore(store).updating(conn.key) as c:
         c.project = c.project or project_id(body.get("project"))
         if not force:
             c.pending_annotations += 1

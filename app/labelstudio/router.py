@@ -17,14 +17,14 @@ from fastapi.responses import JSONResponse
 from app.deps import Artifacts, SettingsDep, TenantBearerOrBasic
 from app.labelstudio import service as ls
 from app.labelstudio.protocol import json_body, predict_tasks
-from app.models.service import get_record
+from app.models.service import get_record_async
 
 router = APIRouter(prefix="/label-studio/{model_id}", tags=["label-studio"])
 
 @router.get("")
 @router.get("/health")
 async def health(model_id: str, tenant: TenantBearerOrBasic, store: Artifacts) -> dict[str, Any]:
-    record = get_record(store, tenant, model_id)
+    record = await get_record_async(store, tenant, model_id)
     return {"status": "UP", "model_class": f"LQF Serve ({record.get('method')})",
             "model_version": record["model_version"]}
 
@@ -34,7 +34,7 @@ async def setup(model_id: str, request: Request, tenant: TenantBearerOrBasic,
                 store: Artifacts) -> dict[str, Any]:
     """Label Studio's connection check: a labeling config this backend cannot serve is
     refused here, so the project shows why."""
-    record = get_record(store, tenant, model_id)
+    record = await get_record_async(store, tenant, model_id)
     body = await json_body(request)
     if body.get("schema"):
         ls.choose(dict.fromkeys(record["classes"], 0.0),
@@ -45,7 +45,7 @@ async def setup(model_id: str, request: Request, tenant: TenantBearerOrBasic,
 @router.post("/webhook", status_code=201)
 async def webhook(model_id: str, request: Request, tenant: TenantBearerOrBasic,
                   store: Artifacts) -> dict[str, Any]:
-    get_record(store, tenant, model_id)
+    await get_record_async(store, tenant, model_id)
     body = await json_body(request)
     return {"status": "ignored", "action": body.get("action"),
             "detail": "this backend does not train from Label Studio events; "
@@ -55,7 +55,7 @@ async def webhook(model_id: str, request: Request, tenant: TenantBearerOrBasic,
 @router.post("/predict")
 async def predict(model_id: str, request: Request, tenant: TenantBearerOrBasic,
                   store: Artifacts, settings: SettingsDep) -> JSONResponse:
-    record = get_record(store, tenant, model_id)
+    record = await get_record_async(store, tenant, model_id)
     body = await json_body(request)
     fetcher = ls.ImageFetcher(settings.label_studio_url, settings.label_studio_api_key,
                               settings.label_studio_max_image_bytes)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from starlette.concurrency import run_in_threadpool
+
 from app.errors import ApiError, not_found
 from lqf_core.config import Method
 from state.artifacts import ArtifactStore
@@ -22,7 +24,7 @@ def get_record(store: ArtifactStore, tenant: str, ref: str) -> ModelRecord:
         return record
     name, _, selector = ref.partition("@")
     try:
-        entry = Registry(store.root).get(tenant, name)
+        entry = Registry(store).get(tenant, name)
         if entry is None:
             raise not_found("model", ref)
         version = entry.resolve(selector)
@@ -33,6 +35,14 @@ def get_record(store: ArtifactStore, tenant: str, ref: str) -> ModelRecord:
         raise ApiError(404, f"model {ref!r} not found: version {version.version} "
                             f"({version.model_id}) was deleted", "model_not_found")
     return record
+
+
+async def get_record_async(store: ArtifactStore, tenant: str, ref: str) -> ModelRecord:
+    """`get_record` for async routes: with object storage it may wait on the bucket (or
+    fetch the model), so it runs in a thread; on a directory it is a stat, done inline."""
+    if store.remote is None:
+        return get_record(store, tenant, ref)
+    return await run_in_threadpool(get_record, store, tenant, ref)
 
 
 def require_lqf(record: ModelRecord, what: str = "influence queries") -> None:

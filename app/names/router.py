@@ -34,7 +34,7 @@ def public(entry: ModelName) -> NamePublic:
 
 def _change(store: ArtifactStore, tenant: str, name: str,
             change: Callable[[Registry], ModelName]) -> NamePublic:
-    registry = Registry(store.root)
+    registry = Registry(store)
     try:
         if registry.get(tenant, name) is None:
             raise not_found("name", name)
@@ -46,13 +46,13 @@ def _change(store: ArtifactStore, tenant: str, name: str,
 @router.get("", response_model=Page[NamePublic])
 def list_names(tenant: Tenant, store: Artifacts, limit: Limit = 100,
                offset: Offset = 0) -> Page[NamePublic]:
-    return page(Registry(store.root).list(tenant), limit, offset, public)
+    return page(Registry(store).list(tenant), limit, offset, public)
 
 
 @router.get("/{name}", response_model=NamePublic)
 def get_name(name: NamePath, tenant: Tenant, store: Artifacts) -> NamePublic:
     try:
-        entry = Registry(store.root).get(tenant, name)
+        entry = Registry(store).get(tenant, name)
     except RegistryError:
         entry = None
     if entry is None:

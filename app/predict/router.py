@@ -9,7 +9,7 @@ from app import metrics
 from app.bodies import ImageBodySpec, parse_image_body
 from app.deps import Artifacts, SettingsDep, Tenant
 from app.errors import QUERY_TIMEOUT_RESPONSE
-from app.models.service import get_record, require_lqf
+from app.models.service import get_record_async, require_lqf
 from app.predict import service
 from app.predict.schemas import PredictOptions, PredictRequest, PredictResponse
 
@@ -47,7 +47,7 @@ async def predict(request: Request, tenant: Tenant, store: Artifacts,
     deadline = request.app.state.posteriors.deadline()
     body = await parse_image_body(request, PREDICT_BODY, settings.max_predict_images)
     options, images = body.options, body.images
-    record = get_record(store, tenant, options.model_id)  # 404 for another tenant's model
+    record = await get_record_async(store, tenant, options.model_id)  # 404 for others' models
     model_id = record["id"]  # a name or name@alias resolved to its model
     if options.uncertainty:
         require_lqf(record, "uncertainty")

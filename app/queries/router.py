@@ -35,7 +35,7 @@ from app.queries.schemas import (
     Variant,
 )
 from app.queries.service import image_url
-from state.artifacts import ArtifactStore, read_json
+from state.artifacts import SELF_INFLUENCE_FILE, ArtifactStore, ranking_file
 
 router = APIRouter(prefix="/models", tags=["queries"])
 
@@ -161,7 +161,7 @@ def stored_ranking(model_id: str, job_id: str, tenant: Tenant,
     """The result of a rank job on this model."""
     record = get_record(store, tenant, model_id)
     try:
-        stored = read_json(store.ranking_path(record["id"], job_id))
+        stored = store.read_model_json(record["id"], ranking_file(job_id))
     except (KeyError, FileNotFoundError):
         raise not_found("ranking", job_id) from None
     items = [{**it, "image_url": image_url(stored["dataset_id"], it["item_id"])}
@@ -213,7 +213,7 @@ async def self_influence(
 
 def _stored_self_influence(store: ArtifactStore, model_id: str) -> dict[str, Any] | None:
     try:
-        return read_json(store.self_influence_path(model_id))
+        return store.read_model_json(model_id, SELF_INFLUENCE_FILE)
     except FileNotFoundError:
         return None
 

@@ -22,7 +22,7 @@ from app.ui.web import UiSession, check_csrf, redirect, render
 from lqf_core.artifacts import read_metadata
 from lqf_core.config import Method
 from lqf_core.data import open_image
-from state.artifacts import read_json
+from state.artifacts import SELF_INFLUENCE_FILE, read_json
 from state.records import ModelRecord
 from state.registry import Registry, RegistryError
 
@@ -47,7 +47,7 @@ def _name_entry(store: Artifacts, tenant: str, record: ModelRecord) -> Any:
     if not name:
         return None
     try:
-        return Registry(store.root).get(tenant, name)
+        return Registry(store).get(tenant, name)
     except RegistryError:
         return None
 
@@ -79,7 +79,7 @@ def _shade(count: int, row_total: int) -> int:
 def model_list(request: Request, session: UiSession, store: Artifacts) -> HTMLResponse:
     return render(request, "models.html", {
         "models": store.list_model_records(session.tenant),
-        "names": Registry(store.root).list(session.tenant),
+        "names": Registry(store).list(session.tenant),
     }, session=session)
 
 
@@ -213,7 +213,8 @@ async def review(request: Request, model_ref: str, session: UiSession, store: Ar
                           "models have them."
         return render(request, "review.html", context, session=session)
     try:
-        stored = await run_in_threadpool(read_json, store.self_influence_path(record["id"]))
+        stored = await run_in_threadpool(store.read_model_json, record["id"],
+                                         SELF_INFLUENCE_FILE)
     except FileNotFoundError:
         stored = None
     if stored is not None:

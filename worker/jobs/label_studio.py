@@ -57,7 +57,7 @@ def compute_label_studio_import(job: dict[str, Any], context: JobContext) -> Out
 
 
 def _connection(job: dict[str, Any], context: JobContext) -> Connection:
-    conn = ConnectionStore(context.artifacts.root).by_id(job["tenant"], job["connection_id"])
+    conn = ConnectionStore(context.artifacts).by_id(job["tenant"], job["connection_id"])
     if conn is None:
         raise JobFailure("connection_not_found",
                          f"Label Studio connection {job['connection_id']} was deleted")

@@ -79,7 +79,7 @@ class ReviewError(Exception):
 
 def publish_review(job: dict[str, Any], model_id: str, artifacts: ArtifactStore,
                    settings: WorkerSettings) -> None:
-    store = ConnectionStore(artifacts.root)
+    store = ConnectionStore(artifacts)
     conn = store.by_id(job["tenant"], job["connection_id"])
     if conn is None:
         return
@@ -104,7 +104,7 @@ def publish_review(job: dict[str, Any], model_id: str, artifacts: ArtifactStore,
 
 def _publish(conn: Connection, job: dict[str, Any], model_id: str, artifacts: ArtifactStore,
              settings: WorkerSettings) -> dict[str, Any]:
-    entry = Registry(artifacts.root).get(conn.tenant, conn.name)
+    entry = Registry(artifacts).get(conn.tenant, conn.name)
     current = entry.current() if entry is not None and entry.versions else None
     if current is None or current.model_id != model_id:
         raise ReviewError(f"{model_id} is not the version {conn.name} serves now; "
@@ -189,7 +189,7 @@ def _review_predictions(conn: Connection, dataset_id: str, model_id: str, label:
                         artifacts: ArtifactStore, job: dict[str, Any],
                         settings: WorkerSettings) -> _Review:
     control = parse_label_config(conn.label_config or "")
-    source = read_json(artifacts.dataset_dir(dataset_id) / "source.json")
+    source = read_json(artifacts.local_dataset(dataset_id) / "source.json")
     task_of = {int(it["item_id"]): it["task_id"] for it in source["items"]}
     predictor = Predictor.load(artifacts.model_dir(model_id), job_device(job, settings),
                                settings.weights_dirs())

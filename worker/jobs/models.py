@@ -53,12 +53,14 @@ def new_model(model: TrainedModel, config: TrainConfig, job: dict[str, Any]) -> 
     def store(artifacts: ArtifactStore) -> tuple[dict[str, str], Undo]:
         model_id = _store_model(artifacts, job, config, model)
         name = job.get("model_name")
-        registry = Registry(artifacts.root)
+        registry = Registry(artifacts)
         if name:
             try:
                 version = registry.add_version(job["tenant"], name, model_id, job["id"])
-                path = artifacts.model_dir(model_id) / "record.json"
-                write_json(path, {**read_json(path), "name": name, "version": version})
+                directory = artifacts.model_dir(model_id)
+                with artifacts.editing(directory):
+                    path = directory / "record.json"
+                    write_json(path, {**read_json(path), "name": name, "version": version})
             except BaseException:
                 artifacts.remove(artifacts.model_dir(model_id))
                 raise

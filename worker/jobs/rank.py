@@ -9,7 +9,7 @@ from typing import Any
 from lqf_core.active import rank_files
 from lqf_core.serving import Predictor
 from lqf_core.train import Progress
-from state.artifacts import ArtifactStore, write_json
+from state.artifacts import ArtifactStore, ranking_file
 from state.ids import utc_now
 from state.records import item_ids_of
 from worker.jobs.models import model_items, parent_model, require_dataset
@@ -56,10 +56,9 @@ def compute_rank(job: dict[str, Any], context: JobContext) -> Outcome:
     }
 
     def store(artifacts: ArtifactStore) -> tuple[dict[str, str], Undo]:
-        path = artifacts.ranking_path(model_id, job["id"])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path, stored)
+        name = ranking_file(job["id"])
+        artifacts.write_model_json(model_id, name, stored)
         return ({"ranking_url": f"/models/{model_id}/rankings/{job['id']}"},
-                lambda: path.unlink(missing_ok=True))
+                lambda: artifacts.delete_model_file(model_id, name))
 
     return Outcome({"seconds": seconds, "items": float(len(pool))}, store)

@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from lqf_core.crossfit import DEFAULT_FOLDS, cross_fit_model
-from state.artifacts import ArtifactStore, write_json
+from state.artifacts import SELF_INFLUENCE_FILE, ArtifactStore
 from worker.jobs.crossfit_ranking import crossfit_ranking
 from worker.jobs.models import model_items, parent_model, require_dataset
 from worker.lifecycle import JobContext, Outcome, Undo
@@ -27,8 +27,8 @@ def compute_self_influence(job: dict[str, Any], context: JobContext) -> Outcome:
                               result.scores.tolist(), result.predicted.tolist(), seconds)
 
     def store(artifacts: ArtifactStore) -> tuple[dict[str, str], Undo]:
-        path = artifacts.self_influence_path(model_id)
-        write_json(path, scores)
-        return {"model_id": model_id}, lambda: path.unlink(missing_ok=True)
+        artifacts.write_model_json(model_id, SELF_INFLUENCE_FILE, scores)
+        return {"model_id": model_id}, lambda: artifacts.delete_model_file(
+            model_id, SELF_INFLUENCE_FILE)
 
     return Outcome({"seconds": seconds, "items": float(len(ids))}, store)
