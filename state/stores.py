@@ -23,7 +23,7 @@ def _open(data_dir: Path, artifacts: str | None, endpoint_url: str | None, redis
           remote_check_s: float) -> ArtifactStore:
     if not artifacts or not artifacts.startswith("s3://"):
         return ArtifactStore(Path(artifacts) if artifacts else data_dir).ensure()
-    remote = RemoteStore(artifacts, endpoint_url=endpoint_url)
+    remote = RemoteStore(artifacts, endpoint_url=endpoint_url or None)
     remote.ensure_bucket()
     locks = RedisLocks(redis.Redis.from_url(redis_url, socket_timeout=10))
     return ArtifactStore(data_dir, remote, locks, remote_check_s).ensure()

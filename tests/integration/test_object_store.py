@@ -125,11 +125,12 @@ def test_replicas_share_datasets_models_and_names_through_the_bucket(replicas):
                   for p in ("worker", "api-a", "api-b")]
         assert all(path.is_file() for path in copies)
 
-        # Deleted on a: gone from b within LQF_REMOTE_CHECK_S.
-        assert a.delete(f"/models/{done['model_id']}").status_code == 204
+        # Deleted on a: gone from b within LQF_REMOTE_CHECK_S, though b has just served it.
+        assert predict(b, done["model_id"], query).status_code == 200
         started = time.monotonic()
+        assert a.delete(f"/models/{done['model_id']}").status_code == 204
         while predict(b, done["model_id"], query).status_code != 404:
-            assert time.monotonic() - started < REMOTE_CHECK_S + 2.0, "b still serves it"
+            assert time.monotonic() - started < REMOTE_CHECK_S + 1.0, "b still serves it"
             time.sleep(0.1)
         assert b.get(f"/models/{done['model_id']}").status_code == 404
         assert not copies[2].exists()  # b dropped its copy
