@@ -71,6 +71,9 @@ class ProbeKind(StrEnum):
 DEFAULT_WEIGHT_DECAY = {Solver.PCG: 1e-3, Solver.EXACT: 0.1}
 
 
+MAX_WORKERS = 64
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that decides a training run. `from_dict` validates user input."""
@@ -114,6 +117,9 @@ class TrainConfig:
     # benchmark's validation split chose 10 over 30 in 11 of 12 LQF runs.
     max_iters: int = 10
     tol: float = 1e-3  # stop when ||grad|| / ||grad at start|| <= tol
+    # Processes that share the fit, each a shard of the items (distributed.py): the same
+    # model to rounding, sooner on a host with cores or GPUs to spare. LQF with solver pcg.
+    workers: int = 1
 
     # Non-linear fine-tuning baseline
     lr: float = 1e-5  # Adam; 1e-4 and above wrecked 5-shot fine-tuning (bench/transfer.py)
@@ -194,6 +200,7 @@ class TrainConfig:
             ("epochs", 1 <= self.epochs <= 10_000, "between 1 and 10000"),
             ("train_blocks", 0 <= self.train_blocks <= 64, "between 0 and 64"),
             ("patience", 1 <= self.patience <= 10_000, "between 1 and 10000"),
+            ("workers", 1 <= self.workers <= MAX_WORKERS, f"between 1 and {MAX_WORKERS}"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -205,6 +212,10 @@ class TrainConfig:
                 self.loss == LQFLoss.MSE and self.regularizer == Regularizer.ISOTROPIC):
             raise InvalidConfigError("solver 'exact' needs loss 'mse' and regularizer "
                                      "'isotropic'")
+        if self.workers > 1 and not (self.method == Method.LQF and self.solver == Solver.PCG
+                                     and self.loss == LQFLoss.MSE):
+            raise InvalidConfigError("workers > 1 needs method 'lqf' with solver 'pcg' and "
+                                     "loss 'mse' (the sums a distributed fit splits)")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise InvalidConfigError(
                 f"device must be 'auto', 'cpu' or 'cuda[:n]', got {self.device!r}"

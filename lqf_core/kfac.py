@@ -125,8 +125,11 @@ def compute_kfac_factors(
     batch_size: int = 64,
     generator: torch.Generator | None = None,
     on_batch: Callable[[int, int], None] | None = None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[KroneckerFactors]:
-    """Kronecker factors of J^T J / N over the N inputs z (the cached prefix outputs)."""
+    """Kronecker factors of J^T J / N over the N inputs z (the cached prefix outputs).
+    `reduce` completes sums over this process's inputs across the ranks of a
+    distributed fit (distributed.py)."""
     n_total = z.shape[0]
     sums_a: dict[str, torch.Tensor] = {}
     sums_s: dict[str, torch.Tensor] = {}
@@ -155,6 +158,13 @@ def compute_kfac_factors(
             if on_batch is not None:
                 on_batch(index + 1, len(all_batches))
 
+    if reduce is not None:
+        for sums in (sums_a, sums_s):
+            for name in sums:
+                sums[name] = reduce(sums[name])
+        counts = reduce(torch.tensor([n_total, *counts_a.values()], dtype=torch.float64))
+        n_total = int(counts[0])
+        counts_a = {name: int(c) for name, c in zip(counts_a, counts[1:].tolist(), strict=True)}
     factors = []
     for name, module in taps.layers.items():
         prefix = f"{name}." if name else ""

@@ -23,13 +23,14 @@ import torch.nn.functional as F
 from lqf_core.backbones import Backbone
 from lqf_core.classifier import lqf_network
 from lqf_core.config import LQFLoss, Regularizer, Solver, TrainConfig
+from lqf_core.distributed import Shard
 from lqf_core.errors import InvalidConfigError, TrainingCancelled
 from lqf_core.exact import DualFactor
 from lqf_core.gram import gram_matrix, layer_signals
 from lqf_core.kfac import KFACPreconditioner, compute_kfac_factors
 from lqf_core.linearize import LinearizedNet, batches
 from lqf_core.model import TrainedModel
-from lqf_core.probe import fit_ridge
+from lqf_core.probe import RidgeMoments, fit_ridge, fit_ridge_from_moments
 from lqf_core.solve import SolveResult, conjugate_gradient
 
 StepCallback = Callable[[int, float], None]
@@ -49,10 +50,15 @@ class QuadraticProblem:
     # The kfac regularizer: mu (K + lambda I) replaces lambda I (see the module docstring).
     metric: KFACPreconditioner | None = None
     metric_strength: float = 0.0
+    # A distributed fit (distributed.py): z holds this rank's items only, and the sums over
+    # items are completed across ranks; n is then every rank's items together.
+    shard: Shard | None = None
 
     def __post_init__(self) -> None:
-        self.n = self.z.shape[0]
-        self.slices = list(batches(self.n, self.batch_size))
+        self.n_local = self.z.shape[0]
+        self.n = self.n_local if self.shard is None else int(
+            self.shard.total(float(self.n_local)))
+        self.slices = list(batches(self.n_local, self.batch_size))
         # H is constant, so each batch's forward and backward linear maps can be built
         # once and replayed by every solver iteration (memory: the suffix activations).
         self._maps = (
@@ -72,7 +78,11 @@ class QuadraticProblem:
         else:
             for sl in self.slices:
                 total += self.lin.ggn_matvec(self.z[sl], v)
-        return total / self.n + self.regularizer_matvec(v)
+        return self.over_items(total) / self.n + self.regularizer_matvec(v)
+
+    def over_items(self, partial: torch.Tensor) -> torch.Tensor:
+        """A sum over this process's items -> the sum over every item (all ranks')."""
+        return partial if self.shard is None else self.shard.all_reduce(partial)
 
     def regularizer_matvec(self, v: torch.Tensor) -> torch.Tensor:
         if self.metric is not None:
@@ -87,7 +97,7 @@ class QuadraticProblem:
 
     def rhs(self) -> torch.Tensor:
         """b = J^T (Y - f(w0)) / N: minus the gradient at dw = 0."""
-        return self.transpose_products(self.targets - self.output0) / self.n
+        return self.over_items(self.transpose_products(self.targets - self.output0)) / self.n
 
     def transpose_products(self, u: torch.Tensor) -> torch.Tensor:
         """J^T u summed over the cached inputs, u (N, C) -> (P,)."""
@@ -101,16 +111,15 @@ class QuadraticProblem:
         return total
 
     def outputs(self, delta_w: torch.Tensor) -> torch.Tensor:
-        """f_lin on every cached input, (N, C)."""
-        return torch.cat(
-            [self.lin.forward(self.z[sl], delta_w) for sl in batches(self.n, self.batch_size)]
-        )
+        """f_lin on every cached input (of this rank), (N, C)."""
+        return torch.cat([self.lin.forward(self.z[sl], delta_w) for sl in self.slices])
 
     def loss(self, delta_w: torch.Tensor, outputs: torch.Tensor | None = None) -> float:
         """The objective at delta_w (`outputs`: its f_lin on the inputs, if known)."""
         residual = (self.outputs(delta_w) if outputs is None else outputs) - self.targets
         penalty = 0.5 * delta_w @ self.regularizer_matvec(delta_w)
-        return float(0.5 * (residual**2).sum() / self.n + penalty)
+        squares = self.over_items((residual**2).sum().reshape(1))
+        return float(0.5 * squares[0] / self.n + penalty)
 
 
 # Frozen-prefix outputs by training item id: they depend on the image only, so they can be
@@ -153,7 +162,8 @@ HEAD_PREFIX = "1."
 
 
 def fit_lqf_head(backbone: Backbone, z: torch.Tensor, y: torch.Tensor, num_classes: int,
-                 config: TrainConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+                 config: TrainConfig, device: torch.device, shard: Shard | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ridge probe on the (leaky) suffix features at w0: the head part of w0."""
     dim = backbone.feature_dim
     zeros = (torch.zeros(num_classes, dim), torch.zeros(num_classes))
@@ -162,24 +172,31 @@ def fit_lqf_head(backbone: Backbone, z: torch.Tensor, y: torch.Tensor, num_class
     with torch.no_grad():
         phi = torch.cat([suffix(z[sl]) for sl in batches(len(z), 256)])
     targets = config.kappa * F.one_hot(y, num_classes).to(z.dtype).to(device)
+    if shard is not None:
+        return fit_ridge_from_moments(
+            RidgeMoments.of(phi, targets).reduced(shard.all_reduce), config.probe_l2,
+            phi.dtype)
     return fit_ridge(phi, targets, config.probe_l2)
 
 
 def build_lqf_problem(backbone: Backbone, z: torch.Tensor, y: torch.Tensor, num_classes: int,
                       config: TrainConfig, device: torch.device,
-                      head: tuple[torch.Tensor, torch.Tensor] | None = None) -> LQFSetup:
+                      head: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      shard: Shard | None = None) -> LQFSetup:
     """Everything that depends on the training data: the ridge head (part of w0), the
     network linearized at w0 and the quadratic. A pure function of (z, y, config);
-    `head` supplies an already fitted head (e.g. a saved model's) instead."""
+    `head` supplies an already fitted head (e.g. a saved model's) instead. With `shard`,
+    (z, y) are this rank's items and the sums are completed across ranks."""
     targets = config.kappa * F.one_hot(y, num_classes).to(z.dtype).to(device)
     if head is None:
-        head = fit_lqf_head(backbone, z, y, num_classes, config, device)
+        head = fit_lqf_head(backbone, z, y, num_classes, config, device, shard)
     head_weight, head_bias = (t.to(device=device, dtype=z.dtype) for t in head)
     _, net = lqf_network(backbone, config.suffix, config.leaky_slope,
                          head_weight, head_bias)
     net.to(device=device, dtype=z.dtype)
     lin = LinearizedNet(net)
-    problem = QuadraticProblem(lin, z, targets, config.ridge, batch_size=SOLVER_BATCH)
+    problem = QuadraticProblem(lin, z, targets, config.ridge, batch_size=SOLVER_BATCH,
+                               shard=shard)
     return LQFSetup(lin, problem, head_weight.to(device), head_bias.to(device))
 
 
@@ -192,7 +209,8 @@ def kfac_preconditioner(
 ) -> KFACPreconditioner:
     """(K + lambda I)^-1 with K the K-FAC approximation of J^T J / N on the problem's data."""
     factors = compute_kfac_factors(
-        problem.lin, problem.z, batch_size=problem.batch_size, on_batch=on_batch
+        problem.lin, problem.z, batch_size=problem.batch_size, on_batch=on_batch,
+        reduce=None if problem.shard is None else problem.shard.all_reduce,
     )
     return KFACPreconditioner(problem.lin, factors, damping=problem.weight_decay)
 
@@ -313,11 +331,18 @@ def fit_lqf(backbone: Backbone, z: torch.Tensor, y: torch.Tensor, num_classes: i
             on_kfac: Callable[[int, int], None] | None = None,
             on_step: Callable[[int, dict[str, float]], None] | None = None,
             should_stop: Callable[[], bool] | None = None,
-            warm_start: TrainedModel | None = None) -> LQFFit:
+            warm_start: TrainedModel | None = None,
+            shard: Shard | None = None) -> LQFFit:
     """Fit LQF on cached prefix outputs z: ridge head, linearization, K-FAC, then the
     PCG solve of the quadratic (or the cross-entropy ablation). What a training job does
-    after the prefix pass, so that other code can refit exactly as a job would."""
-    setup = build_lqf_problem(backbone, z, y, num_classes, config, device)
+    after the prefix pass, so that other code can refit exactly as a job would.
+    With `shard`, z and y are this rank's items (distributed.py); every rank calls this
+    with the same config and gets the same dw."""
+    if shard is not None and (config.solver == Solver.EXACT or config.loss != LQFLoss.MSE):
+        raise InvalidConfigError("a fit on several workers supports solver 'pcg' with the "
+                                 "mse loss; run the exact solver or the cross-entropy "
+                                 "ablation with workers: 1")
+    setup = build_lqf_problem(backbone, z, y, num_classes, config, device, shard=shard)
     if config.solver == Solver.EXACT:
         return fit_exact(setup, on_signals=on_kfac, should_stop=should_stop)
     problem = setup.problem

@@ -6,6 +6,9 @@ scramble the Jacobian of every earlier layer (docs/method.md).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -37,6 +40,44 @@ def fit_ridge(
     weight = weight_t.T
     bias = mean_y - weight @ mean_phi
     return weight.to(features.dtype), bias.to(features.dtype)
+
+
+@dataclass
+class RidgeMoments:
+    """The sums over items the ridge probe needs (float64): a distributed fit adds each
+    rank's moments, then solves once (the primal form of `fit_ridge`)."""
+
+    count: torch.Tensor       # (1,)
+    sum_phi: torch.Tensor     # (D,)
+    sum_y: torch.Tensor       # (C,)
+    phi_phi: torch.Tensor     # (D, D)
+    phi_y: torch.Tensor       # (D, C)
+
+    @classmethod
+    def of(cls, features: torch.Tensor, targets: torch.Tensor) -> RidgeMoments:
+        phi, y = features.double(), targets.double()
+        return cls(torch.tensor([float(len(phi))], dtype=torch.float64, device=phi.device),
+                   phi.sum(0), y.sum(0), phi.T @ phi, phi.T @ y)
+
+    def reduced(self, reduce: Callable[[torch.Tensor], torch.Tensor]) -> RidgeMoments:
+        return RidgeMoments(*(reduce(t) for t in (self.count, self.sum_phi, self.sum_y,
+                                                   self.phi_phi, self.phi_y)))
+
+
+def fit_ridge_from_moments(m: RidgeMoments, l2: float, dtype: torch.dtype
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fit_ridge` from the moments of its data (equal up to rounding)."""
+    n = float(m.count[0])
+    mean_phi, mean_y = m.sum_phi / n, m.sum_y / n
+    centred = m.phi_phi - n * torch.outer(mean_phi, mean_phi)
+    d = centred.shape[0]
+    alpha = l2 * float(centred.trace()) / d + 1e-12
+    eye = torch.eye(d, dtype=centred.dtype, device=centred.device)
+    weight_t = torch.linalg.solve(centred + alpha * eye,
+                                  m.phi_y - n * torch.outer(mean_phi, mean_y))
+    weight = weight_t.T
+    bias = mean_y - weight @ mean_phi
+    return weight.to(dtype), bias.to(dtype)
 
 
 def fit_logistic(

@@ -6,6 +6,7 @@ fits the softmax temperature on the validation set and returns a TrainedModel.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 from collections.abc import Callable, Sequence
@@ -35,9 +36,10 @@ from lqf_core.config import (
 )
 from lqf_core.data import ImageSource, short_sides
 from lqf_core.device import resolve_device
+from lqf_core.distributed import Shard, ranks, shard_slice, usable_ranks
 from lqf_core.errors import InvalidConfigError, InvalidDataError, TrainingCancelled
 from lqf_core.linearize import batches
-from lqf_core.lqf import PrefixCache, fit_lqf
+from lqf_core.lqf import LQFFit, PrefixCache, fit_lqf
 from lqf_core.model import LOO_OUTPUTS, TrainedModel
 from lqf_core.probe import fit_logistic, fit_ridge
 
@@ -182,7 +184,8 @@ def _calibration(config: TrainConfig, ids: Sequence[str]) -> tuple[Calibration, 
         return Calibration.LOO, 0.0
     if config.val_fraction is not None:
         return Calibration.HOLDOUT, config.val_fraction
-    if lqf and len(ids) <= CROSSFIT_CALIBRATION_MAX_ITEMS:
+    # Cross-fitting is for small jobs on one process; a distributed one holds out.
+    if lqf and config.workers == 1 and len(ids) <= CROSSFIT_CALIBRATION_MAX_ITEMS:
         from lqf_core.crossfit import DEFAULT_FOLDS, fold_of  # crossfit imports this module
 
         if len({fold_of(i, DEFAULT_FOLDS, config.seed) for i in ids}) >= 2:
@@ -264,6 +267,83 @@ def _train_lqf(backbone: Backbone, z: torch.Tensor, y: torch.Tensor, num_classes
     return tensors, info, outputs.detach(), fit.loo_outputs
 
 
+@dataclass
+class RankFit:
+    """What every rank of a distributed fit computes (rank 0 keeps it for the model)."""
+
+    fit: LQFFit
+    train_loss: float
+    train_correct: float
+    history: list[dict[str, float]]
+
+
+def _fit_rank(shard: Shard, backbone: Backbone, x: torch.Tensor, y: torch.Tensor,
+              num_classes: int, config: TrainConfig, device: torch.device, report: Reporter,
+              warm_start: TrainedModel | None) -> RankFit:
+    """One rank's part of a distributed LQF fit on its items (x, y): the prefix pass, then
+    `fit_lqf` and the training metrics, whose sums over items are completed across the
+    ranks. Every rank runs exactly this, so their collectives line up."""
+    prefix = backbone.split(config.suffix)[0].to(device)
+    z = _features(prefix, x, device, config.batch_size, report, "features")
+    history: list[dict[str, float]] = []
+
+    def on_step(i: int, metrics: dict[str, float]) -> None:
+        history.append({"iteration": i, **metrics})
+        report("solve", i, config.max_iters, **metrics)
+
+    fit = fit_lqf(backbone, z, y.to(device), num_classes, config, device,
+                  on_kfac=lambda i, n: report("kfac", i, n), on_step=on_step,
+                  should_stop=report.check_cancel_flag, warm_start=warm_start, shard=shard)
+    outputs = fit.setup.problem.outputs(fit.delta)
+    loss = fit.setup.problem.loss(fit.delta, outputs)
+    correct = shard.total(float((outputs.argmax(1).cpu() == y).sum()))
+    return RankFit(fit, loss, correct, history)
+
+
+def _helper_rank(backbone: Backbone, images: Sequence[ImageSource] | torch.Tensor,
+                 labels: list[int], num_classes: int, config: TrainConfig,
+                 warm_start: TrainedModel | None, shard: Shard) -> None:
+    """Ranks 1..W-1 of a distributed fit (a child process): its items, then `_fit_rank`."""
+    report = Reporter(None, None)
+    device = resolve_device(config.device)
+    x = load_inputs(images, backbone, config.input_size, report)
+    _fit_rank(shard, backbone, x, torch.as_tensor(labels, dtype=torch.long), num_classes,
+              config, device, report, warm_start)
+
+
+def _subset(images: Sequence[ImageSource] | torch.Tensor, index: Sequence[int]
+            ) -> Sequence[ImageSource] | torch.Tensor:
+    if isinstance(images, torch.Tensor):
+        return images[list(index)]
+    return [images[i] for i in index]
+
+
+def _train_lqf_on_ranks(backbone: Backbone, images: Sequence[ImageSource] | torch.Tensor,
+                        labels: Sequence[int], fit_idx: list[int], num_classes: int,
+                        config: TrainConfig, device: torch.device, report: Reporter,
+                        warm_start: TrainedModel | None) -> tuple[dict, dict, float]:
+    """LQF fitted by `config.workers` processes, each on a shard of the training items
+    -> (tensors, info, training accuracy). Rank 0 is this process."""
+    # The model records how many ranks shared the fit (info.workers); the result does not
+    # depend on it beyond rounding.
+    world = min(config.workers, len(fit_idx), usable_ranks(device))
+    parts = [fit_idx[shard_slice(len(fit_idx), r, world)] for r in range(world)]
+    helpers = [functools.partial(_helper_rank, backbone, _subset(images, part),
+                                 [labels[i] for i in part], num_classes, config, warm_start)
+               for part in parts[1:]]
+    started = time.monotonic()
+    with ranks(world, device, helpers) as shard:
+        x = load_inputs(_subset(images, parts[0]), backbone, config.input_size, report)
+        y = torch.as_tensor([labels[i] for i in parts[0]], dtype=torch.long)
+        result = _fit_rank(shard, backbone, x, y, num_classes, config, device, report,
+                           warm_start)
+    info = {**result.fit.info, "train_loss": result.train_loss, "workers": world,
+            "distributed_seconds": time.monotonic() - started}
+    if result.history:
+        info["solver_history"] = result.history
+    return result.fit.setup.tensors(result.fit.delta), info, result.train_correct / len(fit_idx)
+
+
 def train_model(
     images: Sequence[ImageSource] | torch.Tensor,
     labels: Sequence[int],
@@ -313,14 +393,21 @@ def train_model(
     size_rule: dict | None = None
     if config.image_size is None:
         config, size_rule = _choose_image_size(images, backbone, config)
-    x = load_inputs(images, backbone, config.input_size, report)
     y = torch.as_tensor(list(labels), dtype=torch.long)
     num_classes = len(class_names)
     # The exact solver's leave-one-out outputs, or cross-fitted ones, replace the held-out
     # fifth: such a job trains on every item.
     calibration, val_fraction = _calibration(config, ids)
     fit_idx, val_idx = split_by_item(labels, ids, val_fraction, config.seed)
-    x_fit, y_fit, x_val, y_val = x[fit_idx], y[fit_idx], x[val_idx], y[val_idx]
+    distributed = config.method == Method.LQF and config.workers > 1
+    if distributed:  # each rank loads its own share of the training images
+        x_fit = torch.empty(0)
+        x_val = load_inputs(_subset(images, val_idx.tolist()), backbone, config.input_size,
+                            report)
+    else:
+        x = load_inputs(images, backbone, config.input_size, report)
+        x_fit, x_val = x[fit_idx], x[val_idx]
+    y_fit, y_val = y[fit_idx], y[val_idx]
     info: dict = {
         "num_train": len(fit_idx),
         "num_val": len(val_idx),
@@ -335,6 +422,11 @@ def train_model(
     cv_logits: torch.Tensor | None = None
     if config.method == Method.LINEAR_PROBE:
         tensors = _train_linear_probe(backbone, x_fit, y_fit, num_classes, config, device, report)
+    elif distributed:
+        tensors, lqf_info, train_accuracy = _train_lqf_on_ranks(
+            backbone, images, labels, fit_idx.tolist(), num_classes, config, device, report,
+            warm_start)
+        info.update(lqf_info)
     elif config.method == Method.LQF:
         prefix = backbone.split(config.suffix)[0].to(device)
         z_fit = prefix_outputs(prefix, x_fit, info["train_item_ids"], prefix_cache, device,
@@ -380,9 +472,11 @@ def train_model(
         model.temperature = fit_temperature(held, y_fit)
         model.metrics.update(_held_out_metrics(split, held, y_fit, model.temperature))
         model.info["heldout"] = _held_out_record(split, info["train_item_ids"], held)
-    if config.method != Method.LQF:  # LQF has them from the solve, without the prefix
-        train_logits = classifier.logits(x_fit.to(device))
-    model.metrics["train_accuracy"] = accuracy(train_logits.cpu(), y_fit)
+    if not distributed:
+        if config.method != Method.LQF:  # LQF has them from the solve, without the prefix
+            train_logits = classifier.logits(x_fit.to(device))
+        train_accuracy = accuracy(train_logits.cpu(), y_fit)
+    model.metrics["train_accuracy"] = train_accuracy
     model.metrics["train_seconds"] = time.monotonic() - started
     model.info.update(
         backbone_weights=backbone.weights_id,

@@ -1,0 +1,163 @@
+"""One LQF fit on several processes: torch.distributed, data-parallel over training items.
+
+Everything the fit computes from the data is a sum over items: the ridge head's moments,
+the K-FAC factors, the right-hand side J^T r and every CG iteration's product J^T J v.
+So each process (a *rank*) holds a contiguous shard of the items: it runs the frozen
+prefix on its images only, computes its shard's part of each sum, and one all-reduce
+adds the parts. The parameter-sized vectors (dw, the CG directions) are replicated:
+every rank gets the same reduced products, so every rank takes the same CG steps and
+ends with the same dw, which rank 0 turns into the model.
+
+Rank 0 is the caller (a training job's process); it starts ranks 1..W-1 as child
+processes on the same host (gloo on CPU, NCCL on GPU) and stops them when the fit ends,
+fails or is cancelled. A rank that dies makes the next collective fail: the fit raises
+DistributedFitError instead of hanging (and every collective has a timeout).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import datetime
+import os
+import signal
+import socket
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lqf_core.errors import LQFError
+
+# How long a collective waits for the other ranks (the slowest rank's share of one pass).
+COLLECTIVE_TIMEOUT_S = 600.0
+
+
+class DistributedFitError(LQFError):
+    """A rank of a distributed fit failed or disappeared."""
+
+
+@dataclass
+class Shard:
+    """This process's place in a distributed fit: rank `rank` of `world`; it counts what
+    it all-reduced (bench.scale)."""
+
+    rank: int
+    world: int
+    reduced_bytes: int = 0
+    reductions: int = 0
+
+    def part(self, n: int) -> slice:
+        """This rank's contiguous share of n items (sizes differ by at most one)."""
+        return shard_slice(n, self.rank, self.world)
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum of `t` over every rank (the same tensor on each), in place."""
+        try:
+            # gloo reduces CPU tensors only; NCCL wants them on the GPU.
+            work = t if dist.get_backend() != "gloo" or t.device.type == "cpu" else t.cpu()
+            dist.all_reduce(work)
+        except (RuntimeError, dist.DistBackendError) as exc:
+            raise DistributedFitError(
+                f"a rank of the distributed fit stopped answering ({exc}); the fit is "
+                "abandoned") from None
+        if work is not t:
+            t.copy_(work)
+        self.reduced_bytes += t.numel() * t.element_size()
+        self.reductions += 1
+        return t
+
+    def total(self, value: float) -> float:
+        return float(self.all_reduce(torch.tensor([value], dtype=torch.float64))[0])
+
+
+def shard_slice(n: int, rank: int, world: int) -> slice:
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (1 if rank < extra else 0))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def join(rank: int, world: int, address: str, device: torch.device) -> Shard:
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=address, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    return Shard(rank, world)
+
+
+def threads_per_rank(world: int) -> int:
+    """The host's cores shared out among the ranks (oversubscribing them slows all)."""
+    return max(1, (os.cpu_count() or 1) // world)
+
+
+# A rank's work: given its Shard, compute its part (same collectives, same order as rank 0).
+RankWork = Callable[[Shard], Any]
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this rank when rank 0's process dies, even by SIGKILL (a lost training
+    worker must not leave ranks waiting on a collective)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def usable_ranks(device: torch.device) -> int:
+    """How many ranks this host can run side by side: a GPU each (NCCL allows one rank
+    per device), or a core each on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.device_count()
+    return os.cpu_count() or 1
+
+
+def _rank_main(rank: int, world: int, address: str, device: str, work: RankWork) -> None:
+    _die_with_parent()
+    torch.set_num_threads(threads_per_rank(world))
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_device(rank)  # "cuda" now means this rank's own GPU
+    shard = join(rank, world, address, torch.device(device))
+    try:
+        work(shard)
+    finally:
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def ranks(world: int, device: torch.device, helpers: Sequence[RankWork]) -> Iterator[Shard]:
+    """Start ranks 1..world-1 (each runs its `helpers[rank - 1]`), make this process rank 0
+    -> its Shard; on the way out stop them all, whatever happened. On CUDA rank r runs on
+    GPU r (rank 0 on the current one, which must be GPU 0)."""
+    assert len(helpers) == world - 1 and world <= usable_ranks(device)
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    context = mp.get_context("spawn")
+    children = [context.Process(target=_rank_main, daemon=True,
+                                args=(rank, world, address, str(device), helpers[rank - 1]))
+                for rank in range(1, world)]
+    for child in children:
+        child.start()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads_per_rank(world))
+    try:
+        try:
+            shard = join(0, world, address, device)
+        except (RuntimeError, dist.DistBackendError) as exc:
+            raise DistributedFitError(f"the ranks of the distributed fit did not meet: {exc}"
+                                      ) from None
+        yield shard
+    finally:
+        torch.set_num_threads(threads)
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+        for child in children:
+            child.join(timeout=5)
+            if child.is_alive():
+                child.kill()
+                child.join(timeout=5)
