@@ -32,8 +32,10 @@ import torch.multiprocessing as mp
 
 from lqf_core.errors import LQFError
 
-# How long a collective waits for the other ranks (the slowest rank's share of one pass).
+# How long a collective waits for the other ranks (the slowest rank's share of one pass),
+# and how long rank 0 waits for them all to join.
 COLLECTIVE_TIMEOUT_S = 600.0
+RENDEZVOUS_TIMEOUT_S = 300.0
 
 
 class DistributedFitError(LQFError):
@@ -80,16 +82,27 @@ def shard_slice(n: int, rank: int, world: int) -> slice:
     return slice(start, start + base + (1 if rank < extra else 0))
 
 
-def _free_port() -> int:
+def _free_port(host: str) -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
-def join(rank: int, world: int, address: str, device: torch.device) -> Shard:
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=address, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+def join(rank: int, world: int, address: str, device: torch.device,
+         rendezvous_s: float = RENDEZVOUS_TIMEOUT_S) -> Shard:
+    """Meet the other ranks at `address` ("host:port", served by rank 0) -> this Shard.
+    Waiting for them is bounded by `rendezvous_s`, each collective later by its own."""
+    host, _, port = address.rpartition(":")
+    try:
+        store = dist.TCPStore(host, int(port), world, is_master=rank == 0,
+                              timeout=datetime.timedelta(seconds=rendezvous_s),
+                              wait_for_workers=True)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store,
+                                rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    except (RuntimeError, dist.DistBackendError, dist.DistStoreError) as exc:
+        raise DistributedFitError(f"the {world} ranks of the distributed fit did not meet "
+                                  f"at {address} within {rendezvous_s:.0f} s: {exc}") from None
     return Shard(rank, world)
 
 
@@ -117,10 +130,13 @@ def usable_ranks(device: torch.device) -> int:
     return os.cpu_count() or 1
 
 
-def _rank_main(rank: int, world: int, address: str, device: str, work: RankWork) -> None:
-    _die_with_parent()
-    torch.set_num_threads(threads_per_rank(world))
-    if torch.device(device).type == "cuda":
+def run_rank(rank: int, world: int, address: str, device: str, work: RankWork,
+             shares_host: bool = False) -> None:
+    """Be rank `rank` of a fit whose rank 0 serves `address`: join, work, leave. Ranks
+    that share rank 0's host share its cores too."""
+    if shares_host:
+        torch.set_num_threads(threads_per_rank(world))
+    if torch.device(device).type == "cuda" and rank < torch.cuda.device_count():
         torch.cuda.set_device(rank)  # "cuda" now means this rank's own GPU
     shard = join(rank, world, address, torch.device(device))
     try:
@@ -130,28 +146,43 @@ def _rank_main(rank: int, world: int, address: str, device: str, work: RankWork)
             dist.destroy_process_group()
 
 
+def _child_rank(rank: int, world: int, address: str, device: str, work: RankWork) -> None:
+    _die_with_parent()
+    run_rank(rank, world, address, device, work, shares_host=True)
+
+
+# Starts ranks 1..world-1 somewhere else (other hosts), given rank 0's address and the
+# world size; they must have left (or never joined) when the context ends.
+RankLauncher = Callable[[str, int], contextlib.AbstractContextManager[None]]
+
+
 @contextlib.contextmanager
-def ranks(world: int, device: torch.device, helpers: Sequence[RankWork]) -> Iterator[Shard]:
-    """Start ranks 1..world-1 (each runs its `helpers[rank - 1]`), make this process rank 0
-    -> its Shard; on the way out stop them all, whatever happened. On CUDA rank r runs on
-    GPU r (rank 0 on the current one, which must be GPU 0)."""
-    assert len(helpers) == world - 1 and world <= usable_ranks(device)
-    address = f"tcp://127.0.0.1:{_free_port()}"
-    context = mp.get_context("spawn")
-    children = [context.Process(target=_rank_main, daemon=True,
-                                args=(rank, world, address, str(device), helpers[rank - 1]))
-                for rank in range(1, world)]
-    for child in children:
-        child.start()
+def ranks(world: int, device: torch.device, helpers: Sequence[RankWork] = (),
+          launcher: RankLauncher | None = None, host: str = "127.0.0.1") -> Iterator[Shard]:
+    """Make this process rank 0 of `world` -> its Shard. Ranks 1..world-1 are child
+    processes on this host running `helpers[rank - 1]` or, with `launcher`, whatever it
+    starts (e.g. on other hosts, which reach rank 0 at `host`). On the way out every
+    rank is stopped, whatever happened. On CUDA, local rank r runs on GPU r."""
+    address = f"{host}:{_free_port(host)}"
+    children = []
+    remote: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+    if launcher is None:
+        assert len(helpers) == world - 1 and world <= usable_ranks(device)
+        context = mp.get_context("spawn")
+        children = [context.Process(target=_child_rank, daemon=True,
+                                    args=(rank, world, address, str(device), helpers[rank - 1]))
+                    for rank in range(1, world)]
+    else:
+        remote = launcher(address, world)
     threads = torch.get_num_threads()
-    torch.set_num_threads(threads_per_rank(world))
+    if launcher is None:
+        torch.set_num_threads(threads_per_rank(world))
     try:
-        try:
+        with remote:
+            for child in children:
+                child.start()
             shard = join(0, world, address, device)
-        except (RuntimeError, dist.DistBackendError) as exc:
-            raise DistributedFitError(f"the ranks of the distributed fit did not meet: {exc}"
-                                      ) from None
-        yield shard
+            yield shard
     finally:
         torch.set_num_threads(threads)
         with contextlib.suppress(Exception):

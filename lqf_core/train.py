@@ -10,6 +10,7 @@ import functools
 import hashlib
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
@@ -300,10 +301,11 @@ def _fit_rank(shard: Shard, backbone: Backbone, x: torch.Tensor, y: torch.Tensor
     return RankFit(fit, loss, correct, history)
 
 
-def _helper_rank(backbone: Backbone, images: Sequence[ImageSource] | torch.Tensor,
-                 labels: list[int], num_classes: int, config: TrainConfig,
-                 warm_start: TrainedModel | None, shard: Shard) -> None:
-    """Ranks 1..W-1 of a distributed fit (a child process): its items, then `_fit_rank`."""
+def fit_shard(backbone: Backbone, images: Sequence[ImageSource] | torch.Tensor,
+              labels: list[int], num_classes: int, config: TrainConfig,
+              warm_start: TrainedModel | None, shard: Shard) -> None:
+    """Ranks 1..W-1 of a distributed fit (a child process, or a worker elsewhere that was
+    sent its share): load its items, then `_fit_rank`. `config` is rank 0's, resolved."""
     report = Reporter(None, None)
     device = resolve_device(config.device)
     x = load_inputs(images, backbone, config.input_size, report)
@@ -318,26 +320,55 @@ def _subset(images: Sequence[ImageSource] | torch.Tensor, index: Sequence[int]
     return [images[i] for i in index]
 
 
+@dataclass(frozen=True)
+class RankShard:
+    """What a rank on another host is sent: its items (ids, class indices)."""
+
+    item_ids: list[str]
+    labels: list[int]
+
+
+@dataclass(frozen=True)
+class ShardLauncher:
+    """Runs ranks 1..W-1 of distributed fits elsewhere (a service's other workers):
+    `start(address, config, num_classes, shards)` makes rank r fit `shards[r - 1]` with
+    `fit_shard`,
+    joining rank 0 at `address`, and returns a context that ends with the fit. `host` is
+    the address other hosts reach this one at."""
+
+    start: Callable[[str, TrainConfig, int, list[RankShard]], AbstractContextManager[None]]
+    host: str = "127.0.0.1"
+
+
 def _train_lqf_on_ranks(backbone: Backbone, images: Sequence[ImageSource] | torch.Tensor,
-                        labels: Sequence[int], fit_idx: list[int], num_classes: int,
-                        config: TrainConfig, device: torch.device, report: Reporter,
-                        warm_start: TrainedModel | None) -> tuple[dict, dict, float]:
+                        labels: Sequence[int], ids: Sequence[str], fit_idx: list[int],
+                        num_classes: int, config: TrainConfig, device: torch.device,
+                        report: Reporter, warm_start: TrainedModel | None,
+                        launcher: ShardLauncher | None) -> tuple[dict, dict, float]:
     """LQF fitted by `config.workers` processes, each on a shard of the training items
-    -> (tensors, info, training accuracy). Rank 0 is this process."""
+    -> (tensors, info, training accuracy). Rank 0 is this process; the others are its
+    children on this host, or (`launcher`) workers elsewhere."""
     # The model records how many ranks shared the fit (info.workers); the result does not
     # depend on it beyond rounding.
-    world = min(config.workers, len(fit_idx), usable_ranks(device))
+    local_limit = usable_ranks(device) if launcher is None else config.workers
+    world = min(config.workers, len(fit_idx), local_limit)
     parts = [fit_idx[shard_slice(len(fit_idx), r, world)] for r in range(world)]
-    helpers = [functools.partial(_helper_rank, backbone, _subset(images, part),
+    helpers = [functools.partial(fit_shard, backbone, _subset(images, part),
                                  [labels[i] for i in part], num_classes, config, warm_start)
-               for part in parts[1:]]
+               for part in parts[1:]] if launcher is None else []
+    shards = [RankShard([ids[i] for i in part], [labels[i] for i in part])
+              for part in parts[1:]]
+    remote = None if launcher is None else (lambda address, _world: launcher.start(
+        address, config.replace(device=str(device)), num_classes, shards))
     started = time.monotonic()
-    with ranks(world, device, helpers) as shard:
+    with ranks(world, device, helpers, remote,
+               "127.0.0.1" if launcher is None else launcher.host) as shard:
         x = load_inputs(_subset(images, parts[0]), backbone, config.input_size, report)
         y = torch.as_tensor([labels[i] for i in parts[0]], dtype=torch.long)
         result = _fit_rank(shard, backbone, x, y, num_classes, config, device, report,
                            warm_start)
     info = {**result.fit.info, "train_loss": result.train_loss, "workers": world,
+            "ranks_on": "this host" if launcher is None else "other workers",
             "distributed_seconds": time.monotonic() - started}
     if result.history:
         info["solver_history"] = result.history
@@ -357,6 +388,7 @@ def train_model(
     item_ids: Sequence[str] | None = None,
     prefix_cache: PrefixCache | None = None,
     warm_start: TrainedModel | None = None,
+    shard_launcher: ShardLauncher | None = None,
 ) -> TrainedModel:
     """Train `config.method` on labelled images and return the model.
 
@@ -368,6 +400,7 @@ def train_model(
     prefix_cache (LQF): frozen-prefix outputs by item id, reused and filled.
     warm_start (LQF): a model of the same config whose solution starts the solver; the
     optimum reached is the same (to the tolerance), only sooner -- see unlearn.py.
+    shard_launcher (LQF, workers > 1): where ranks 1..W-1 run; None: child processes.
     """
     config.validate()
     validate_labels(len(images), labels, class_names)
@@ -424,8 +457,8 @@ def train_model(
         tensors = _train_linear_probe(backbone, x_fit, y_fit, num_classes, config, device, report)
     elif distributed:
         tensors, lqf_info, train_accuracy = _train_lqf_on_ranks(
-            backbone, images, labels, fit_idx.tolist(), num_classes, config, device, report,
-            warm_start)
+            backbone, images, labels, ids, fit_idx.tolist(), num_classes, config, device,
+            report, warm_start, shard_launcher)
         info.update(lqf_info)
     elif config.method == Method.LQF:
         prefix = backbone.split(config.suffix)[0].to(device)

@@ -13,6 +13,12 @@ class WorkerSettings(CommonSettings):
     # The device of jobs that do not name one ("auto": CUDA when the worker has a GPU).
     # A job's own `device` hyperparameter wins (worker.lifecycle.job_device).
     device: str = "auto"
+    # Where the other ranks of a `workers: N` job run: "local" (child processes on this
+    # worker's host, one per core or GPU) or "workers" (tasks taken by other workers on the
+    # queue, on any host; they reach this one at rank_host, so set it to an address they
+    # can connect to).
+    distributed: str = "local"
+    rank_host: str = "127.0.0.1"
 
 
 @lru_cache

@@ -50,6 +50,10 @@ def _job_store(url: str) -> JobStore:
     return JobStore.from_url(url)
 
 
+def job_store(settings: WorkerSettings) -> JobStore:
+    return _job_store(settings.redis_url)
+
+
 class Lease:
     """Renews the job's lease in the background; `lost` is set if another party took over."""
 

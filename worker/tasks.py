@@ -8,7 +8,8 @@ from state.jobstore import JobKind
 from state.queue import TASK_NAMES
 from worker.celery_app import celery_app, settings, worker_name
 from worker.jobs import COMPUTE
-from worker.lifecycle import run_job
+from worker.jobs.ranks import FIT_RANK_TASK, fit_rank
+from worker.lifecycle import job_store, run_job
 
 
 def _register(kind: JobKind) -> Any:
@@ -23,3 +24,9 @@ def _register(kind: JobKind) -> Any:
 
 
 TASKS = {kind: _register(kind) for kind in JobKind}
+
+
+@celery_app.task(name=FIT_RANK_TASK, ignore_result=True)
+def fit_rank_task(**kwargs: Any) -> str:
+    """A rank of another worker's distributed fit (worker.jobs.ranks)."""
+    return fit_rank(settings, job_store(settings), **kwargs)

@@ -1,6 +1,8 @@
 """The service on object storage, as a deployment without a shared filesystem runs it:
-two API replicas and a worker, each with a local directory of its own, sharing only a real
-Redis and a real S3-compatible server (moto, tests/s3server.py)."""
+two API replicas and two workers, each with a local directory of its own, sharing only a
+real Redis and a real S3-compatible server (moto, tests/s3server.py). The workers run a
+`workers: 2` job's ranks as tasks of each other (LQF_DISTRIBUTED=workers), as workers on
+two hosts would."""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from app.launcher import (
     wait_http,
     worker_command,
 )
+from lqf_core.artifacts import read_metadata
 from tests.s3server import CREDENTIALS, s3_server
 
 from .datagen import folder_zip, make_samples
@@ -38,8 +41,8 @@ REMOTE_CHECK_S = 1.0
 
 @pytest.fixture(scope="module")
 def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[list[str], Path]]:
-    """(Base URLs of two API replicas, the folder holding each process's own directory:
-    api-a, api-b, worker); one worker runs the jobs."""
+    """(Base URLs of two API replicas, the folder holding each process's own directory and
+    log: api-a, api-b, worker-a, worker-b)."""
     root = tmp_path_factory.mktemp("lqf-s3")
     redis_server = RedisServer(root / "redis", persist=False).start()
     procs: list[subprocess.Popen] = []
@@ -51,7 +54,8 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[list[st
                    "LQF_ARTIFACTS": "s3://lqf-test/deploy", "LQF_S3_ENDPOINT_URL": endpoint,
                    "LQF_REMOTE_CHECK_S": str(REMOTE_CHECK_S),
                    "LQF_API_KEYS": ",".join(f"{t}:{k}" for t, k in KEYS.items()),
-                   "LQF_PREDICT_MAX_WAIT_MS": "5", "LQF_EXACT_QUERY_LIMIT": "0"}
+                   "LQF_PREDICT_MAX_WAIT_MS": "5", "LQF_EXACT_QUERY_LIMIT": "0",
+                   "LQF_DISTRIBUTED": "workers"}
 
             def start(name: str, cmd: list[str]) -> subprocess.Popen:
                 log = open(root / f"{name}.log", "wb")  # noqa: SIM115
@@ -61,7 +65,8 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[list[st
                 procs.append(proc)
                 return proc
 
-            start("worker", worker_command(QUEUE, f"s3-{os.getpid()}@%h"))
+            for name in ("worker-a", "worker-b"):
+                start(name, worker_command(QUEUE, f"{name}-{os.getpid()}@%h"))
             urls = []
             for name in ("api-a", "api-b"):
                 port = free_port()
@@ -122,8 +127,10 @@ def test_replicas_share_datasets_models_and_names_through_the_bucket(replicas):
         assert b.get("/names/shapes").json()["versions"][0]["model_id"] == done["model_id"]
         # Each process holds its own copy: written by the worker, fetched by the replicas.
         copies = [root / p / "models" / done["model_id"] / "record.json"
-                  for p in ("worker", "api-a", "api-b")]
+                  for p in ("api-a", "api-b")]
         assert all(path.is_file() for path in copies)
+        assert any((root / w / "models" / done["model_id"]).is_dir()
+                   for w in ("worker-a", "worker-b"))
 
         # Deleted on a: gone from b within LQF_REMOTE_CHECK_S, though b has just served it.
         assert predict(b, done["model_id"], query).status_code == 200
@@ -133,5 +140,36 @@ def test_replicas_share_datasets_models_and_names_through_the_bucket(replicas):
             assert time.monotonic() - started < REMOTE_CHECK_S + 1.0, "b still serves it"
             time.sleep(0.1)
         assert b.get(f"/models/{done['model_id']}").status_code == 404
-        assert not copies[2].exists()  # b dropped its copy
+        assert not copies[1].exists()  # b dropped its copy
 
+
+
+def test_a_job_on_two_workers_shares_one_fit_between_them(replicas):
+    """Rank 0 is the job's worker; rank 1 is a task the other worker takes, loading its
+    half of the items from the bucket into its own directory."""
+    urls, root = replicas
+    samples = make_samples(10, seed=6)
+    hyper = {"image_size": 32, "val_fraction": 0.2}
+    with clients(urls) as (a, b):
+        dataset = upload(a, folder_zip(samples), name="shared").json()
+        one = wait_job(a, submit(a, dataset["id"], method="lqf",
+                                 hyperparameters=hyper)["id"], FINAL, timeout=300)
+        two = wait_job(b, submit(b, dataset["id"], method="lqf",
+                                 hyperparameters={**hyper, "workers": 2})["id"], FINAL,
+                       timeout=300)
+        assert one["status"] == two["status"] == "succeeded", (one, two)
+        query = [("files", (f"{i}.png", data, "image/png"))
+                 for i, (_, data) in enumerate(samples[:4])]
+        answers = [a.post("/predict", data={"model_id": job["model_id"]}, files=query).json()
+                   for job in (one, two)]
+        for p, q in zip(answers[0]["predictions"], answers[1]["predictions"], strict=True):
+            assert p["label"] == q["label"]
+            for name, value in p["probabilities"].items():
+                assert abs(value - q["probabilities"][name]) < 1e-4
+        # api-a fetched the model to serve it: its metadata says how it was fitted.
+        info = read_metadata(root / "api-a" / "models" / two["model_id"])["info"]
+        assert (info["workers"], info["ranks_on"]) == (2, "other workers")
+        ranks = [w for w in ("worker-a", "worker-b")
+                 if '"rank finished"' in (root / f"{w}.log").read_text()
+                 and two["id"] in (root / f"{w}.log").read_text()]
+        assert len(ranks) == 1 and ranks[0] not in two["worker"]
