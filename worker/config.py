@@ -16,7 +16,7 @@ class WorkerSettings(CommonSettings):
     # Where the other ranks of a `workers: N` job run: "local" (child processes on this
     # worker's host, one per core or GPU) or "workers" (tasks taken by other workers on the
     # queue, on any host; they reach this one at rank_host, so set it to an address they
-    # can connect to).
+    # can connect to, or "auto": what this host's name resolves to).
     distributed: str = "local"
     rank_host: str = "127.0.0.1"
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -53,7 +54,13 @@ def shard_launcher(job: dict[str, Any], settings: WorkerSettings,
         finally:
             jobs.r.set(_closed_key(job["id"], address), "1", ex=CLOSED_TTL_S)
 
-    return ShardLauncher(start, settings.rank_host)
+    return ShardLauncher(start, advertised_host(settings.rank_host))
+
+
+def advertised_host(setting: str) -> str:
+    """LQF_RANK_HOST, with "auto" meaning the address this host's name resolves to (a
+    container's address on its compose network)."""
+    return socket.gethostbyname(socket.gethostname()) if setting == "auto" else setting
 
 
 def fit_rank(settings: WorkerSettings, jobs: JobStore, *, job_id: str, rank: int, world: int,
