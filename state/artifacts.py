@@ -95,6 +95,11 @@ class ArtifactStore:
         # record on every request, and a stat is cheaper than a read and a parse.
         self._records: dict[str, tuple[tuple[int, int], ModelRecord]] = {}
 
+    def reachable(self) -> bool:
+        """Can this process use the store (readiness): the bucket answers, or the
+        directory is there."""
+        return self.remote.reachable() if self.remote is not None else self.root.is_dir()
+
     def ensure(self) -> ArtifactStore:
         for path in (self.datasets, self.models, self.tmp):
             path.mkdir(parents=True, exist_ok=True)
@@ -379,6 +384,8 @@ class ArtifactStore:
         if self._sync(self.model_dir(model_id)) is None:
             self._model_checked.pop(model_id, None)
             return False
+        if len(self._model_checked) >= RECORD_CACHE_SIZE:
+            self._model_checked.pop(next(iter(self._model_checked)))
         self._model_checked[model_id] = now
         return True
 

@@ -98,7 +98,18 @@ class RemoteStore:
             connect_timeout=timeout_s, read_timeout=timeout_s,
             retries={"max_attempts": 4, "mode": "standard"},
             max_pool_connections=UPLOAD_THREADS * 2))
+        # /readyz asks a question of its own, answered (or not) within seconds.
+        self._probe = boto3.client("s3", endpoint_url=endpoint_url, config=Config(
+            connect_timeout=2, read_timeout=2, retries={"max_attempts": 1}))
         self._pool = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="s3")
+
+    def reachable(self) -> bool:
+        """Does the bucket answer (within about 4 s)?"""
+        try:
+            self._probe.head_bucket(Bucket=self.bucket)
+            return True
+        except Exception:
+            return False
 
     def ensure_bucket(self) -> None:
         """Create the bucket if it does not exist (a first start against a fresh server)."""

@@ -4,7 +4,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.deps import Jobs, SettingsDep
+from app.deps import Artifacts, Jobs, SettingsDep
 
 router = APIRouter(tags=["ops"])
 
@@ -16,7 +16,7 @@ async def livez() -> dict[str, str]:
 
 
 @router.get("/readyz")
-def readyz(jobs: Jobs, settings: SettingsDep) -> JSONResponse:
+def readyz(jobs: Jobs, settings: SettingsDep, store: Artifacts) -> JSONResponse:
     checks: dict[str, object] = {}
     try:
         checks["redis"] = jobs.ping()
@@ -28,10 +28,13 @@ def readyz(jobs: Jobs, settings: SettingsDep) -> JSONResponse:
     except Exception:
         workers = []
     checks["workers"] = len(workers)
-    ready = bool(checks["redis"]) and len(workers) > 0
+    checks["artifacts"] = store.reachable()
+    ready = bool(checks["redis"]) and len(workers) > 0 and bool(checks["artifacts"])
     body = {"status": "ready" if ready else "not ready", "checks": checks}
     if not ready:
-        body["detail"] = "Redis unreachable" if not checks["redis"] else "no live worker"
+        body["detail"] = ("Redis unreachable" if not checks["redis"] else
+                          "artifact store unreachable" if not checks["artifacts"] else
+                          "no live worker")
     return JSONResponse(body, status_code=200 if ready else 503)
 
 

@@ -100,6 +100,8 @@ def test_replicas_share_datasets_models_and_names_through_the_bucket(replicas):
     urls, root = replicas
     samples = make_samples(12, seed=4)
     with clients(urls) as (a, b):
+        for client in (a, b):
+            assert client.get("/readyz").json()["checks"]["artifacts"] is True
         r = upload(a, folder_zip(samples))
         assert r.status_code == 201, r.text
         dataset = r.json()

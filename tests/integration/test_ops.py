@@ -13,6 +13,7 @@ def test_health_and_readiness(service):
         ready = c.get("/readyz")
         assert ready.status_code == 200
         assert ready.json()["checks"]["redis"] is True and ready.json()["checks"]["workers"] >= 1
+        assert ready.json()["checks"]["artifacts"] is True
 
 
 def test_prometheus_metrics(service, lqf_model, alice):

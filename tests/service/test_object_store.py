@@ -208,3 +208,13 @@ def test_the_marker_lists_every_file_with_its_hash(hosts, tmp_path: Path):
     assert set(marker["files"]) == {"model.safetensors", "record.json"}
     assert marker["summary"] == read_json(a.model_dir(model_id) / "record.json")
     assert marker["files"]["model.safetensors"]["size"] == 5000
+
+
+def test_readiness_says_when_the_bucket_does_not_answer(hosts):
+    from app.launcher import free_port
+
+    assert hosts[0].reachable()
+    gone = RemoteStore("s3://lqf-test/x", endpoint_url=f"http://127.0.0.1:{free_port()}")
+    started = time.monotonic()
+    assert not ArtifactStore(hosts[0].root, gone).reachable()
+    assert time.monotonic() - started < 10
