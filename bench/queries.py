@@ -210,9 +210,14 @@ def mislabel_section(x: torch.Tensor, y_clean: np.ndarray, args: argparse.Namesp
     crossfit, crossfit_s = timed(cross_fit_model, lqf, x[scored], noisy[scored].tolist(),
                                  train_ids, backbone=backbone, prefix_cache=cache)
     log(f"cross-fitted self-influence ({DEFAULT_FOLDS} folds) in {crossfit_s:.1f}s")
+    kappa = lqf.config.kappa
+    targets = kappa * F.one_hot(torch.from_numpy(noisy[scored]), len(CLASS_NAMES)).to(
+        crossfit.outputs)
+    variants = held_out_scores("lqf_self_influence_crossfit", crossfit.outputs.double(),
+                               targets.double(), kappa)
     methods = {
-        "lqf_self_influence_crossfit": detection(crossfit.scores.float(), is_flipped,
-                                                 args.noise),
+        **{name: detection(score.float(), is_flipped, args.noise)
+           for name, score in variants.items()},
         "lqf_self_influence_leverage": detection(scores.float().cpu(), is_flipped, args.noise),
         "lqf_training_loss": detection((post.residuals**2).sum(1).float().cpu(), is_flipped,
                                        args.noise),
@@ -252,13 +257,27 @@ def mislabel_exact_section(x: torch.Tensor, y_clean: np.ndarray, args: argparse.
     loo = model.tensors[LOO_OUTPUTS].double()
     kappa = model.config.kappa
     targets = kappa * F.one_hot(torch.from_numpy(noisy[scored]), len(CLASS_NAMES)).to(loo)
-    scores = ((targets - loo) ** 2).sum(1) / kappa**2
     is_flipped = np.isin(scored, flipped)
+    methods = {name: detection(score.float(), is_flipped, args.noise)
+               for name, score in held_out_scores("lqf_exact_loo", loo, targets,
+                                                  kappa).items()}
     return {"num_scored": len(scored), "num_flipped_scored": int(is_flipped.sum()),
             "noise": args.noise, "train_seconds": train_s,
             "weight_decay": model.config.ridge, "loo_accuracy": model.metrics["loo_accuracy"],
-            "relative_grad_norm": model.info.get("relative_grad_norm"),
-            "methods": {"lqf_exact_loo": detection(scores.float(), is_flipped, args.noise)}}
+            "relative_grad_norm": model.info.get("relative_grad_norm"), "methods": methods}
+
+
+def held_out_scores(name: str, outputs: torch.Tensor, targets: torch.Tensor, kappa: float
+                    ) -> dict[str, torch.Tensor]:
+    """Mislabel scores from each item's output under a model trained without it:
+    the squared residual (the service's score), how far the labelled class falls short of
+    kappa, and the margin by which another class beats it."""
+    label = targets.argmax(1)
+    own = outputs.gather(1, label[:, None])[:, 0]
+    others = outputs.masked_fill(F.one_hot(label, outputs.shape[1]).bool(), -torch.inf)
+    return {name: ((targets - outputs) ** 2).sum(1) / kappa**2,
+            f"{name}_label_deficit": (kappa - own) / kappa,
+            f"{name}_margin": (others.max(1).values - own) / kappa}
 
 
 # --- calibration and OOD --------------------------------------------------------------

@@ -22,8 +22,14 @@ def upload(client: httpx.Client, data: bytes, name: str = "shapes") -> httpx.Res
 def wait_job(client: httpx.Client, job_id: str, statuses: set[str],
              timeout: float = 120) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
+    job: dict[str, Any] = {}
     while time.monotonic() < deadline:
-        job = client.get(f"/jobs/{job_id}").json()
+        r = client.get(f"/jobs/{job_id}")
+        if r.status_code == 429:  # a service with a request rate limit: wait as told
+            time.sleep(float(r.headers.get("Retry-After", "1")))
+            continue
+        assert r.status_code == 200, r.text
+        job = r.json()
         if job["status"] in statuses:
             return job
         time.sleep(0.2)
