@@ -37,6 +37,12 @@ def tiny_suffix_net(num_classes: int = 3, seed: int = 0) -> nn.Sequential:
     return net.eval()
 
 
+def separable_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float64 images (n, 3, 12, 12), labels of 3 classes): class c shifts channel c."""
+    x, labels, _ = colour_shifted_images(seed, {c: (c, 1.5) for c in range(3)}, n)
+    return x, labels
+
+
 def tiny_inputs(n: int = 6, seed: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(n, 2, 4, 4, generator=generator, dtype=torch.float64)

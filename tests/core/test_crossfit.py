@@ -11,6 +11,7 @@ from lqf_core.config import TrainConfig
 from lqf_core.crossfit import cross_fit_model, fold_of
 from lqf_core.errors import InvalidDataError
 from lqf_core.train import train_model
+from tests.core.factories import separable_images
 
 # The library's own early stop (K-FAC PCG, 10 iterations), in float64 on a tiny network.
 CONFIG = TrainConfig(backbone="tiny_cnn", image_size=16, val_fraction=0.0, suffix_blocks=1,
@@ -20,12 +21,7 @@ NAMES = ["a", "b", "c"]
 
 @pytest.fixture(scope="module")
 def data():
-    generator = torch.Generator().manual_seed(1)
-    labels = torch.arange(18) % 3
-    x = torch.randn(18, 3, 12, 12, generator=generator, dtype=torch.float64)
-    for c in range(3):
-        x[:, c] += 1.5 * (labels == c).double().view(-1, 1, 1)
-    return x, labels
+    return separable_images(18, seed=1)
 
 
 def test_each_fold_is_scored_by_a_fresh_training_run_without_it(backbone, data):

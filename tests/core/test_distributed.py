@@ -15,6 +15,7 @@ from lqf_core.distributed import DistributedFitError, Shard, ranks, shard_slice
 from lqf_core.errors import InvalidConfigError
 from lqf_core.lqf import fit_lqf
 from lqf_core.train import train_model
+from tests.core.factories import separable_images
 
 pytestmark = pytest.mark.slow
 
@@ -26,12 +27,7 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def data():
-    generator = torch.Generator().manual_seed(3)
-    labels = torch.arange(21) % 3
-    x = torch.randn(21, 3, 12, 12, generator=generator, dtype=torch.float64)
-    for c in range(3):
-        x[:, c] += 1.5 * (labels == c).double().view(-1, 1, 1)
-    return x, labels
+    return separable_images(21, seed=3)
 
 
 def prefix_outputs(backbone: Backbone, x: torch.Tensor) -> torch.Tensor:

@@ -44,6 +44,19 @@ def submit(client: httpx.Client, dataset_id: str, **body: Any) -> dict[str, Any]
     return r.json()
 
 
+def assert_same_predictions(client: httpx.Client, model_ids: list[str], images: list[bytes],
+                            atol: float = 1e-4) -> None:
+    """The models predict the same labels, and probabilities within `atol`, on `images`."""
+    files = [("files", (f"{i}.png", data, "image/png")) for i, data in enumerate(images)]
+    answers = [client.post("/predict", data={"model_id": m}, files=files).json()
+               for m in model_ids]
+    for other in answers[1:]:
+        for p, q in zip(answers[0]["predictions"], other["predictions"], strict=True):
+            assert p["label"] == q["label"]
+            for name, value in p["probabilities"].items():
+                assert abs(value - q["probabilities"][name]) < atol
+
+
 # A job that runs long enough to be cancelled or killed: many fine-tuning epochs with
 # early stopping effectively off. It polls should_stop every batch.
 LONG_JOB = {"method": "finetune",

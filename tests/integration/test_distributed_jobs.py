@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from .datagen import make_samples
-from .helpers import FINAL, submit, wait_job
+from .helpers import FINAL, assert_same_predictions, submit, wait_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -38,14 +38,8 @@ def test_two_workers_make_the_model_one_worker_makes(alice, shapes_dataset):
     two = wait_job(alice, submit(alice, ds, method="lqf",
                                  hyperparameters={**HELD_OUT, "workers": 2})["id"], FINAL)
     assert one["status"] == two["status"] == "succeeded", (one, two)
-    images = [("files", (f"{i}.png", data, "image/png"))
-              for i, (_, data) in enumerate(make_samples(2, seed=9))]
-    answers = [alice.post("/predict", data={"model_id": job["model_id"]}, files=images).json()
-               for job in (one, two)]
-    for a, b in zip(answers[0]["predictions"], answers[1]["predictions"], strict=True):
-        assert a["label"] == b["label"]
-        for name, p in a["probabilities"].items():
-            assert abs(p - b["probabilities"][name]) < 1e-4
+    assert_same_predictions(alice, [one["model_id"], two["model_id"]],
+                            [data for _, data in make_samples(2, seed=9)])
     model = alice.get(f"/models/{two['model_id']}").json()
     assert model["hyperparameters"]["workers"] == 2
 

@@ -31,7 +31,7 @@ from lqf_core.artifacts import read_metadata
 from tests.s3server import CREDENTIALS, s3_server
 
 from .datagen import folder_zip, make_samples
-from .helpers import FINAL, KEYS, submit, upload, wait_job
+from .helpers import FINAL, KEYS, assert_same_predictions, submit, upload, wait_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -160,14 +160,8 @@ def test_a_job_on_two_workers_shares_one_fit_between_them(replicas):
                                  hyperparameters={**hyper, "workers": 2})["id"], FINAL,
                        timeout=300)
         assert one["status"] == two["status"] == "succeeded", (one, two)
-        query = [("files", (f"{i}.png", data, "image/png"))
-                 for i, (_, data) in enumerate(samples[:4])]
-        answers = [a.post("/predict", data={"model_id": job["model_id"]}, files=query).json()
-                   for job in (one, two)]
-        for p, q in zip(answers[0]["predictions"], answers[1]["predictions"], strict=True):
-            assert p["label"] == q["label"]
-            for name, value in p["probabilities"].items():
-                assert abs(value - q["probabilities"][name]) < 1e-4
+        assert_same_predictions(a, [one["model_id"], two["model_id"]],
+                                [data for _, data in samples[:4]])
         # api-a fetched the model to serve it: its metadata says how it was fitted.
         info = read_metadata(root / "api-a" / "models" / two["model_id"])["info"]
         assert (info["workers"], info["ranks_on"]) == (2, "other workers")
