@@ -8,10 +8,12 @@ adds the parts. The parameter-sized vectors (dw, the CG directions) are replicat
 every rank gets the same reduced products, so every rank takes the same CG steps and
 ends with the same dw, which rank 0 turns into the model.
 
-Rank 0 is the caller (a training job's process); it starts ranks 1..W-1 as child
-processes on the same host (gloo on CPU, NCCL on GPU) and stops them when the fit ends,
-fails or is cancelled. A rank that dies makes the next collective fail: the fit raises
-DistributedFitError instead of hanging (and every collective has a timeout).
+Rank 0 is the caller (a training job's process) and hosts the rendezvous (a TCPStore).
+It starts ranks 1..W-1 as child processes on the same host, or has a `RankLauncher`
+start them elsewhere (the service's other workers); gloo on CPU, NCCL on GPU. They stop
+when the fit ends, fails or is cancelled. A rank that dies makes the next collective
+fail: the fit raises DistributedFitError instead of hanging (and every collective, like
+the rendezvous, has a timeout).
 """
 
 from __future__ import annotations
