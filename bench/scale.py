@@ -74,7 +74,7 @@ def run_rank(x: torch.Tensor, y: torch.Tensor, config: TrainConfig, shard: Shard
                   shard=shard)
     fit_s = time.monotonic() - fit_started
     per_iter = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(steps, steps[1:], strict=False)]
-    return {"items": len(y), "prefix_seconds": prefix_s,
+    return {"delta": fit.delta.detach().cpu(), "items": len(y), "prefix_seconds": prefix_s,
             "setup_and_kfac_seconds": marks["kfac_last"] - fit_started,
             "seconds_per_iteration": float(np.median([s for s, _ in per_iter])),
             "bytes_per_iteration": int(np.median([b for _, b in per_iter])),
@@ -160,6 +160,11 @@ def main() -> None:
         measured.append(measure(world, x, y, config))
         log(json.dumps(measured[-1]))
     base = next(m for m in measured if m["ranks"] == 1)
+    # The same model whatever the number of ranks (float32 sums in another order).
+    scale = float(base["delta"].abs().max())
+    for m in measured:
+        m["max_abs_delta_difference"] = float((m.pop("delta") - base["delta"]).abs().max())
+        m["delta_scale"] = scale
     for m in measured:
         m["iteration_speedup"] = base["seconds_per_iteration"] / m["seconds_per_iteration"]
         m["fit_speedup"] = base["fit_seconds"] / m["fit_seconds"]
@@ -167,6 +172,7 @@ def main() -> None:
     half = len(y) // 2
     log(f"1 rank, {half} items (memory per item)")
     smaller = measure(1, x[:half], y[:half], config)
+    smaller.pop("delta")
     memory_per_item = (base["rss_growth_bytes"] - smaller["rss_growth_bytes"]) / (
         len(y) - half)
     fixed = base["rss_growth_bytes"] - memory_per_item * len(y)
@@ -182,13 +188,15 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     lines = ["| ranks | items per rank | prefix s | setup+K-FAC s | s / iteration | "
-             "MB all-reduced / iteration | fit s | iteration speedup | peak RSS GB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "MB all-reduced / iteration | fit s | iteration speedup | peak RSS GB | "
+             "max abs dw difference to 1 rank |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for m in measured:
         lines.append(f"| {m['ranks']} | {m['items']} | {m['prefix_seconds']:.1f} | "
                      f"{m['setup_and_kfac_seconds']:.1f} | {m['seconds_per_iteration']:.2f} | "
                      f"{m['bytes_per_iteration'] / 1e6:.1f} | {m['fit_seconds']:.1f} | "
-                     f"{m['iteration_speedup']:.2f}x | {m['peak_rss_bytes'] / 1e9:.2f} |")
+                     f"{m['iteration_speedup']:.2f}x | {m['peak_rss_bytes'] / 1e9:.2f} | "
+                     f"{m['max_abs_delta_difference']:.1e} (of {m['delta_scale']:.1e}) |")
     lines += ["", f"Memory that grows with a rank's items: {memory_per_item / 1e6:.2f} MB per "
               f"item (plus {fixed / 1e9:.2f} GB fixed).", "",
               f"Modelled (assumed: a GPU {args.gpu_speedup:g}x this CPU, all-reduce at "
