@@ -40,7 +40,7 @@ from lqf_core.device import resolve_device
 from lqf_core.distributed import Shard, ranks, shard_slice, usable_ranks
 from lqf_core.errors import InvalidConfigError, InvalidDataError, TrainingCancelled
 from lqf_core.linearize import batches
-from lqf_core.lqf import LQFFit, PrefixCache, fit_lqf
+from lqf_core.lqf import PrefixCache, fit_lqf
 from lqf_core.model import LOO_OUTPUTS, TrainedModel
 from lqf_core.probe import fit_logistic, fit_ridge
 
@@ -245,9 +245,10 @@ def prefix_outputs(prefix: torch.nn.Module, x: torch.Tensor, ids: Sequence[str],
 
 def _train_lqf(backbone: Backbone, z: torch.Tensor, y: torch.Tensor, num_classes: int,
                config: TrainConfig, device: torch.device, report: Reporter,
-               warm_start: TrainedModel | None
+               warm_start: TrainedModel | None, shard: Shard | None = None
                ) -> tuple[dict, dict, torch.Tensor, torch.Tensor | None]:
-    """(tensors, info, training-set logits, leave-one-out logits of the exact solver)."""
+    """(tensors, info, training-set logits, leave-one-out logits of the exact solver).
+    With `shard`, z and y are this rank's items and the logits are theirs."""
     curvature_stage = "gram" if config.solver == Solver.EXACT else "kfac"
     history: list[dict[str, float]] = []
 
@@ -257,7 +258,8 @@ def _train_lqf(backbone: Backbone, z: torch.Tensor, y: torch.Tensor, num_classes
 
     fit = fit_lqf(backbone, z, y, num_classes, config, device,
                   on_kfac=lambda i, n: report(curvature_stage, i, n),
-                  on_step=on_step, should_stop=report.check_cancel_flag, warm_start=warm_start)
+                  on_step=on_step, should_stop=report.check_cancel_flag, warm_start=warm_start,
+                  shard=shard)
     outputs = fit.setup.problem.outputs(fit.delta)
     info = {**fit.info, "train_loss": fit.setup.problem.loss(fit.delta, outputs)}
     if history:  # the solver's curve, for the dashboard (every iteration, not throttled)
@@ -268,37 +270,19 @@ def _train_lqf(backbone: Backbone, z: torch.Tensor, y: torch.Tensor, num_classes
     return tensors, info, outputs.detach(), fit.loo_outputs
 
 
-@dataclass
-class RankFit:
-    """What every rank of a distributed fit computes (rank 0 keeps it for the model)."""
-
-    fit: LQFFit
-    train_loss: float
-    train_correct: float
-    history: list[dict[str, float]]
-
-
 def _fit_rank(shard: Shard, backbone: Backbone, x: torch.Tensor, y: torch.Tensor,
               num_classes: int, config: TrainConfig, device: torch.device, report: Reporter,
-              warm_start: TrainedModel | None) -> RankFit:
+              warm_start: TrainedModel | None) -> tuple[dict, dict, float]:
     """One rank's part of a distributed LQF fit on its items (x, y): the prefix pass, then
-    `fit_lqf` and the training metrics, whose sums over items are completed across the
-    ranks. Every rank runs exactly this, so their collectives line up."""
+    `_train_lqf` and the number of training items predicted right, whose sums over items
+    are completed across the ranks -> (tensors, info, correct). Every rank runs exactly
+    this, so their collectives line up."""
     prefix = backbone.split(config.suffix)[0].to(device)
     z = _features(prefix, x, device, config.batch_size, report, "features")
-    history: list[dict[str, float]] = []
-
-    def on_step(i: int, metrics: dict[str, float]) -> None:
-        history.append({"iteration": i, **metrics})
-        report("solve", i, config.max_iters, **metrics)
-
-    fit = fit_lqf(backbone, z, y.to(device), num_classes, config, device,
-                  on_kfac=lambda i, n: report("kfac", i, n), on_step=on_step,
-                  should_stop=report.check_cancel_flag, warm_start=warm_start, shard=shard)
-    outputs = fit.setup.problem.outputs(fit.delta)
-    loss = fit.setup.problem.loss(fit.delta, outputs)
+    tensors, info, outputs, _ = _train_lqf(backbone, z, y.to(device), num_classes, config,
+                                           device, report, warm_start, shard)
     correct = shard.total(float((outputs.argmax(1).cpu() == y).sum()))
-    return RankFit(fit, loss, correct, history)
+    return tensors, info, correct
 
 
 def fit_shard(backbone: Backbone, images: Sequence[ImageSource] | torch.Tensor,
@@ -332,9 +316,8 @@ class RankShard:
 class ShardLauncher:
     """Runs ranks 1..W-1 of distributed fits elsewhere (a service's other workers):
     `start(address, config, num_classes, shards)` makes rank r fit `shards[r - 1]` with
-    `fit_shard`,
-    joining rank 0 at `address`, and returns a context that ends with the fit. `host` is
-    the address other hosts reach this one at."""
+    `fit_shard`, joining rank 0 at `address`, and returns a context that ends with the
+    fit. `host` is the address other hosts reach this one at."""
 
     start: Callable[[str, TrainConfig, int, list[RankShard]], AbstractContextManager[None]]
     host: str = "127.0.0.1"
@@ -365,14 +348,11 @@ def _train_lqf_on_ranks(backbone: Backbone, images: Sequence[ImageSource] | torc
                "127.0.0.1" if launcher is None else launcher.host) as shard:
         x = load_inputs(_subset(images, parts[0]), backbone, config.input_size, report)
         y = torch.as_tensor([labels[i] for i in parts[0]], dtype=torch.long)
-        result = _fit_rank(shard, backbone, x, y, num_classes, config, device, report,
-                           warm_start)
-    info = {**result.fit.info, "train_loss": result.train_loss, "workers": world,
-            "ranks_on": "this host" if launcher is None else "other workers",
-            "distributed_seconds": time.monotonic() - started}
-    if result.history:
-        info["solver_history"] = result.history
-    return result.fit.setup.tensors(result.fit.delta), info, result.train_correct / len(fit_idx)
+        tensors, info, correct = _fit_rank(shard, backbone, x, y, num_classes, config, device,
+                                           report, warm_start)
+    info.update(workers=world, ranks_on="this host" if launcher is None else "other workers",
+                distributed_seconds=time.monotonic() - started)
+    return tensors, info, correct / len(fit_idx)
 
 
 def train_model(
