@@ -323,10 +323,10 @@ class ArtifactStore:
                        ) -> tuple[list[Path], list[int], list[str], list[str]]:
         """(image paths, label indices, class names, item ids as lqf_core's strings) of
         the items a new training job uses, in the same order."""
-        items = self.manifest(dataset_id).active_items()
+        items = self.manifest(dataset_id).active_items()  # brings the local copy up to date
         class_names = sorted({it.label for it in items})
         index = {name: i for i, name in enumerate(class_names)}
-        root = self.local_dataset(dataset_id)
+        root = self.dataset_dir(dataset_id)
         return ([root / it.file for it in items], [index[it.label] for it in items],
                 class_names, [str(it.id) for it in items])
 

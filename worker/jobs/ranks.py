@@ -76,7 +76,7 @@ def fit_rank(settings: WorkerSettings, jobs: JobStore, *, job_id: str, rank: int
     try:
         artifacts = artifacts_for(settings)
         manifest = artifacts.manifest(job["dataset_id"])
-        root = artifacts.local_dataset(job["dataset_id"])
+        root = artifacts.dataset_dir(job["dataset_id"])  # synced by manifest()
         files = {str(it.id): root / it.file for it in manifest.items}
         train_config = TrainConfig.from_dict(config)
         backbone = load_backbone(train_config.backbone, settings.weights_dirs())
