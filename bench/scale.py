@@ -161,9 +161,10 @@ def main() -> None:
         log(json.dumps({k: v for k, v in measured[-1].items() if k != "delta"}))
     base = next(m for m in measured if m["ranks"] == 1)
     # The same model whatever the number of ranks (float32 sums in another order).
-    scale = float(base["delta"].abs().max())
+    base_delta = base["delta"]
+    scale = float(base_delta.abs().max())
     for m in measured:
-        m["max_abs_delta_difference"] = float((m.pop("delta") - base["delta"]).abs().max())
+        m["max_abs_delta_difference"] = float((m.pop("delta") - base_delta).abs().max())
         m["delta_scale"] = scale
     for m in measured:
         m["iteration_speedup"] = base["seconds_per_iteration"] / m["seconds_per_iteration"]
