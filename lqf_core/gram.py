@@ -59,7 +59,7 @@ def layer_signals(lin: LinearizedNet, z: torch.Tensor, batch_size: int = 64,
     inputs: dict[str, list[torch.Tensor]] = {}
     grads: dict[str, list[torch.Tensor]] = {}
     with LayerTaps(lin) as taps, torch.enable_grad():
-        uncovered = set(lin.space.names) - _covered(taps)
+        uncovered = set(lin.space.names) - covered_parameters(taps)
         if uncovered:
             raise NotImplementedError(f"the Gram matrix needs every linearized weight in a "
                                       f"conv or linear layer; not: {sorted(uncovered)}")
@@ -77,7 +77,8 @@ def layer_signals(lin: LinearizedNet, z: torch.Tensor, batch_size: int = 64,
             for name in inputs]
 
 
-def _covered(taps: LayerTaps) -> set[str]:
+def covered_parameters(taps: LayerTaps) -> set[str]:
+    """The parameter names of the layers the taps record."""
     names = set()
     for name, module in taps.layers.items():
         prefix = f"{name}." if name else ""

@@ -14,7 +14,7 @@ through the eigendecompositions of the two factors.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -119,6 +119,55 @@ class LayerTaps:
         return {n: _output_grads(self.layers[n], g) for n, g in zip(names, grads, strict=True)}
 
 
+class FactorSums:
+    """Running sums of the Kronecker factors over batches of inputs."""
+
+    def __init__(self) -> None:
+        self.a: dict[str, torch.Tensor] = {}
+        self.s: dict[str, torch.Tensor] = {}
+        self.positions: dict[str, int] = {}
+        self.inputs = 0
+
+    def add(self, unfolded: dict[str, torch.Tensor],
+            output_grads: Iterable[dict[str, torch.Tensor]]) -> None:
+        """One batch: each layer's unfolded inputs (n, g, k, P) and, per output seed,
+        its output gradients (n, g, o, P)."""
+        for grads in output_grads:
+            for name, d in grads.items():
+                s = torch.einsum("ngop,ngqp->goq", d, d)
+                self.s[name] = self.s[name] + s if name in self.s else s
+        for name, a in unfolded.items():
+            aa = torch.einsum("ngkp,ngjp->gkj", a, a)
+            self.a[name] = self.a[name] + aa if name in self.a else aa
+            self.positions[name] = self.positions.get(name, 0) + a.shape[0] * a.shape[-1]
+        self.inputs += next(iter(unfolded.values())).shape[0]
+
+    def factors(self, layers: dict[str, nn.Module],
+                reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+                ) -> list[KroneckerFactors]:
+        """The factors (means); `reduce` completes the sums across the ranks of a
+        distributed fit (distributed.py)."""
+        sums_a, sums_s = dict(self.a), dict(self.s)
+        n_total, positions = self.inputs, dict(self.positions)
+        if reduce is not None:
+            for sums in (sums_a, sums_s):
+                for name in sums:
+                    sums[name] = reduce(sums[name])
+            counts = reduce(torch.tensor([n_total, *positions.values()], dtype=torch.float64))
+            n_total = int(counts[0])
+            positions = {name: int(c)
+                         for name, c in zip(positions, counts[1:].tolist(), strict=True)}
+        factors = []
+        for name, module in layers.items():
+            prefix = f"{name}." if name else ""
+            bias = prefix + "bias" if module.bias is not None else None
+            groups = module.groups if isinstance(module, nn.Conv2d) else 1
+            factors.append(KroneckerFactors(
+                weight_name=prefix + "weight", bias_name=bias, groups=groups,
+                A=sums_a[name] / positions[name], S=sums_s[name] / n_total))
+        return factors
+
+
 def compute_kfac_factors(
     lin: LinearizedNet,
     z: torch.Tensor,
@@ -130,12 +179,9 @@ def compute_kfac_factors(
     """Kronecker factors of J^T J / N over the N inputs z (the cached prefix outputs).
     `reduce` completes sums over this process's inputs across the ranks of a
     distributed fit (distributed.py)."""
-    n_total = z.shape[0]
-    sums_a: dict[str, torch.Tensor] = {}
-    sums_s: dict[str, torch.Tensor] = {}
-    counts_a: dict[str, int] = {}
+    sums = FactorSums()
     with LayerTaps(lin) as taps, torch.enable_grad():
-        all_batches = list(batches(n_total, batch_size))
+        all_batches = list(batches(z.shape[0], batch_size))
         for index, sl in enumerate(all_batches):
             out, unfolded = taps.run(z[sl])
             num_outputs = out.shape[1]
@@ -147,39 +193,11 @@ def compute_kfac_factors(
                     / RANDOM_OUTPUT_PROBES**0.5
                     for _ in range(RANDOM_OUTPUT_PROBES)
                 ]
-            for seed in seeds:
-                for name, d in taps.output_grads(seed).items():
-                    s = torch.einsum("ngop,ngqp->goq", d, d)
-                    sums_s[name] = sums_s[name] + s if name in sums_s else s
-            for name, a in unfolded.items():
-                aa = torch.einsum("ngkp,ngjp->gkj", a, a)
-                sums_a[name] = sums_a[name] + aa if name in sums_a else aa
-                counts_a[name] = counts_a.get(name, 0) + a.shape[0] * a.shape[-1]
+            # A generator: one seed's gradients are held at a time.
+            sums.add(unfolded, (taps.output_grads(seed) for seed in seeds))
             if on_batch is not None:
                 on_batch(index + 1, len(all_batches))
-
-    if reduce is not None:
-        for sums in (sums_a, sums_s):
-            for name in sums:
-                sums[name] = reduce(sums[name])
-        counts = reduce(torch.tensor([n_total, *counts_a.values()], dtype=torch.float64))
-        n_total = int(counts[0])
-        counts_a = {name: int(c) for name, c in zip(counts_a, counts[1:].tolist(), strict=True)}
-    factors = []
-    for name, module in taps.layers.items():
-        prefix = f"{name}." if name else ""
-        bias = prefix + "bias" if module.bias is not None else None
-        groups = module.groups if isinstance(module, nn.Conv2d) else 1
-        factors.append(
-            KroneckerFactors(
-                weight_name=prefix + "weight",
-                bias_name=bias,
-                groups=groups,
-                A=sums_a[name] / counts_a[name],
-                S=sums_s[name] / n_total,
-            )
-        )
-    return factors
+    return sums.factors(taps.layers, reduce)
 
 
 class KFACPreconditioner:

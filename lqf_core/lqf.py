@@ -31,6 +31,7 @@ from lqf_core.kfac import KFACPreconditioner, compute_kfac_factors
 from lqf_core.linearize import LinearizedNet, batches
 from lqf_core.model import TrainedModel
 from lqf_core.probe import RidgeMoments, fit_ridge, fit_ridge_from_moments
+from lqf_core.signals import SignalProducts
 from lqf_core.solve import SolveResult, conjugate_gradient
 
 StepCallback = Callable[[int, float], None]
@@ -47,6 +48,10 @@ class QuadraticProblem:
     batch_size: int = 256
 
     cache: bool = True
+    # Record the layer signals and take J's products from them (signals.py) instead of
+    # cached linear maps, where they fit; the pass also yields the K-FAC factors.
+    signals: bool = False
+    on_signals: Callable[[int, int], None] | None = None
     # The kfac regularizer: mu (K + lambda I) replaces lambda I (see the module docstring).
     metric: KFACPreconditioner | None = None
     metric_strength: float = 0.0
@@ -59,12 +64,15 @@ class QuadraticProblem:
         self.n = self.n_local if self.shard is None else int(
             self.shard.total(float(self.n_local)))
         self.slices = list(batches(self.n_local, self.batch_size))
-        # H is constant, so each batch's forward and backward linear maps can be built
-        # once and replayed by every solver iteration (memory: the suffix activations).
-        self._maps = (
-            [self.lin.linear_maps(self.z[sl]) for sl in self.slices] if self.cache else None
-        )
-        if self._maps is not None:
+        self.products: SignalProducts | None = None
+        self._maps = None
+        if self.signals and SignalProducts.fits(self.lin, self.z, self.targets.shape[1]):
+            self.products = SignalProducts.record(self.lin, self.z, on_batch=self.on_signals)
+            self.output0 = self.products.output0
+        elif self.cache:
+            # H is constant, so each batch's forward and backward linear maps can be built
+            # once and replayed by every solver iteration (memory: the suffix activations).
+            self._maps = [self.lin.linear_maps(self.z[sl]) for sl in self.slices]
             self.output0 = torch.cat([out for out, _, _ in self._maps])
         else:
             self.output0 = torch.cat([self.lin.output0(self.z[sl]) for sl in self.slices])
@@ -72,7 +80,9 @@ class QuadraticProblem:
     def hessian_matvec(self, v: torch.Tensor) -> torch.Tensor:
         """H v = J^T J v / N + (the regularizer's Hessian) v."""
         total = torch.zeros_like(v)
-        if self._maps is not None:
+        if self.products is not None:
+            total = self.products.transpose(self.products.forward(v))
+        elif self._maps is not None:
             for _, jvp_map, vjp_map in self._maps:
                 total += vjp_map(jvp_map(v))
         else:
@@ -91,6 +101,8 @@ class QuadraticProblem:
 
     def jacobian_products(self, v: torch.Tensor) -> torch.Tensor:
         """J v for every cached input, (N, C)."""
+        if self.products is not None:
+            return self.products.forward(v)
         if self._maps is not None:
             return torch.cat([jvp_map(v) for _, jvp_map, _ in self._maps])
         return torch.cat([self.lin.jvp(self.z[sl], v)[1] for sl in self.slices])
@@ -101,6 +113,8 @@ class QuadraticProblem:
 
     def transpose_products(self, u: torch.Tensor) -> torch.Tensor:
         """J^T u summed over the cached inputs, u (N, C) -> (P,)."""
+        if self.products is not None:
+            return self.products.transpose(u)
         total = torch.zeros(self.lin.num_params, dtype=self.z.dtype, device=self.z.device)
         u = u.to(self.z.dtype)
         for index, sl in enumerate(self.slices):
@@ -112,6 +126,8 @@ class QuadraticProblem:
 
     def outputs(self, delta_w: torch.Tensor) -> torch.Tensor:
         """f_lin on every cached input (of this rank), (N, C)."""
+        if self.products is not None:
+            return self.output0 + self.products.forward(delta_w)
         return torch.cat([self.lin.forward(self.z[sl], delta_w) for sl in self.slices])
 
     def loss(self, delta_w: torch.Tensor, outputs: torch.Tensor | None = None) -> float:
@@ -182,11 +198,13 @@ def fit_lqf_head(backbone: Backbone, z: torch.Tensor, y: torch.Tensor, num_class
 def build_lqf_problem(backbone: Backbone, z: torch.Tensor, y: torch.Tensor, num_classes: int,
                       config: TrainConfig, device: torch.device,
                       head: tuple[torch.Tensor, torch.Tensor] | None = None,
-                      shard: Shard | None = None) -> LQFSetup:
+                      shard: Shard | None = None, signals: bool = False,
+                      on_signals: Callable[[int, int], None] | None = None) -> LQFSetup:
     """Everything that depends on the training data: the ridge head (part of w0), the
     network linearized at w0 and the quadratic. A pure function of (z, y, config);
     `head` supplies an already fitted head (e.g. a saved model's) instead. With `shard`,
-    (z, y) are this rank's items and the sums are completed across ranks."""
+    (z, y) are this rank's items and the sums are completed across ranks. `signals`:
+    J's products from recorded layer signals where they fit (QuadraticProblem)."""
     targets = config.kappa * F.one_hot(y, num_classes).to(z.dtype).to(device)
     if head is None:
         head = fit_lqf_head(backbone, z, y, num_classes, config, device, shard)
@@ -196,7 +214,7 @@ def build_lqf_problem(backbone: Backbone, z: torch.Tensor, y: torch.Tensor, num_
     net.to(device=device, dtype=z.dtype)
     lin = LinearizedNet(net)
     problem = QuadraticProblem(lin, z, targets, config.ridge, batch_size=SOLVER_BATCH,
-                               shard=shard)
+                               shard=shard, signals=signals, on_signals=on_signals)
     return LQFSetup(lin, problem, head_weight.to(device), head_bias.to(device))
 
 
@@ -208,10 +226,12 @@ def kfac_preconditioner(
     problem: QuadraticProblem, on_batch: Callable[[int, int], None] | None = None
 ) -> KFACPreconditioner:
     """(K + lambda I)^-1 with K the K-FAC approximation of J^T J / N on the problem's data."""
-    factors = compute_kfac_factors(
-        problem.lin, problem.z, batch_size=problem.batch_size, on_batch=on_batch,
-        reduce=None if problem.shard is None else problem.shard.all_reduce,
-    )
+    reduce = None if problem.shard is None else problem.shard.all_reduce
+    if problem.products is not None:
+        factors = problem.products.factors(reduce)
+    else:
+        factors = compute_kfac_factors(problem.lin, problem.z, batch_size=problem.batch_size,
+                                       on_batch=on_batch, reduce=reduce)
     return KFACPreconditioner(problem.lin, factors, damping=problem.weight_decay)
 
 
@@ -296,7 +316,10 @@ def fit_exact(setup: LQFSetup, *, on_signals: Callable[[int, int], None] | None 
         raise InvalidConfigError(
             f"solver 'exact' handles up to {EXACT_MAX_OUTPUTS} items x classes (memory: "
             f"3 (N C)^2 float64 numbers); this job has {n} x {c} = {n * c}: use solver 'pcg'")
-    signals = layer_signals(setup.lin, problem.z, on_batch=on_signals)
+    if problem.products is not None:
+        signals = problem.products.layer_signals()
+    else:
+        signals = layer_signals(setup.lin, problem.z, on_batch=on_signals)
     gram = gram_matrix(signals, dtype=torch.float64, should_stop=should_stop)
     del signals
     factor = DualFactor.factor(gram, n, problem.weight_decay)
@@ -342,7 +365,11 @@ def fit_lqf(backbone: Backbone, z: torch.Tensor, y: torch.Tensor, num_classes: i
         raise InvalidConfigError("a fit on several workers supports solver 'pcg' with the "
                                  "mse loss; run the exact solver or the cross-entropy "
                                  "ablation with workers: 1")
-    setup = build_lqf_problem(backbone, z, y, num_classes, config, device, shard=shard)
+    # The signal pass is the K-FAC pass (or the Gram matrix's), kept: only worth it when
+    # that pass runs anyway and the products come from the quadratic (not the CE ablation).
+    signals = config.loss == LQFLoss.MSE and (config.use_kfac or config.solver == Solver.EXACT)
+    setup = build_lqf_problem(backbone, z, y, num_classes, config, device, shard=shard,
+                              signals=signals, on_signals=on_kfac)
     if config.solver == Solver.EXACT:
         return fit_exact(setup, on_signals=on_kfac, should_stop=should_stop)
     problem = setup.problem
