@@ -6,9 +6,9 @@ so with every layer's unfolded inputs a and output gradients d recorded once,
     Jᵀ u      = Σ_i Σ_p (Σ_c u_ic d_icp) a_ipᵀ          (per layer)
 are a few large matrix products per layer instead of a pass through the network. The
 pass that records the signals is the one K-FAC needs anyway (C backward passes per
-batch), so the factors come from it too. Measured on MobileNetV2's 4-block suffix at
-96 px, 1,000 items: J v in 0.55 s against 2.8 s for a dual-tensor pass and about 1.4 s
-for a traced one; Jᵀ u in 0.9 s against 1.0 s (docs/method.md).
+batch), so the factors come from it too. On MobileNetV2's 4-block suffix at 96 px,
+1,000 items, a solver iteration (J v, then Jᵀ u) takes about 1.0 s against 2.5 s on the
+cached linear maps (`bench.products`, docs/method.md).
 
 The price is memory: N · Σ_layers P (g k + C g o) numbers, 3.8 GB in float32 at
 1,000 items and 96 px (the cached linear maps they replace take 1.4 GB). So a fit uses
