@@ -77,6 +77,13 @@ class QuadraticProblem:
         else:
             self.output0 = torch.cat([self.lin.output0(self.z[sl]) for sl in self.slices])
 
+    @property
+    def products_kind(self) -> str:
+        """Where J's products come from: "signals", "linear maps" or "network passes"."""
+        if self.products is not None:
+            return "signals"
+        return "linear maps" if self._maps is not None else "network passes"
+
     def hessian_matvec(self, v: torch.Tensor) -> torch.Tensor:
         """H v = J^T J v / N + (the regularizer's Hessian) v."""
         total = torch.zeros_like(v)
@@ -342,6 +349,7 @@ def fit_exact(setup: LQFSetup, *, on_signals: Callable[[int, int], None] | None 
         raise TrainingCancelled("cancelled after the exact solve")
     loo_residuals = factor.loo_residuals(alpha)
     info = {"num_linearized_params": setup.lin.num_params, "solver": Solver.EXACT.value,
+            "jacobian_products": problem.products_kind,
             "relative_grad_norm": history[-1], "solver_iterations": len(history) - 1,
             "solver_converged": history[-1] <= EXACT_CONVERGED,
             "refinement_history": history}
@@ -374,7 +382,8 @@ def fit_lqf(backbone: Backbone, z: torch.Tensor, y: torch.Tensor, num_classes: i
         return fit_exact(setup, on_signals=on_kfac, should_stop=should_stop)
     problem = setup.problem
     precond = regularize(problem, config, on_batch=on_kfac) if config.use_kfac else None
-    info: dict = {"num_linearized_params": setup.lin.num_params}
+    info: dict = {"num_linearized_params": setup.lin.num_params,
+                  "jacobian_products": problem.products_kind}
     if config.loss == LQFLoss.MSE:
         x0 = setup.warm_start_from(warm_start) if warm_start is not None else None
         result = solve_quadratic(

@@ -16,10 +16,11 @@ from celery import Celery, signals
 
 from state.jobstore import JobStore
 from state.logs import configure_logging
-from worker.config import get_worker_settings
+from worker.config import apply_fit_memory_budget, get_worker_settings
 from worker.lifecycle import SHUTTING_DOWN
 
 settings = get_worker_settings()
+apply_fit_memory_budget(settings)
 
 celery_app = Celery("lqf", broker=settings.redis_url, include=["worker.tasks"])
 celery_app.conf.update(

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from pydantic import Field
+
+from lqf_core import signals
 from state.settings import CommonSettings
 
 
@@ -19,6 +22,15 @@ class WorkerSettings(CommonSettings):
     # can connect to, or "auto": what this host's name resolves to).
     distributed: str = "local"
     rank_host: str = "127.0.0.1"
+    # A training fit keeps its layer signals (lqf_core.signals: solver products about 2.5x
+    # faster) up to this many GiB per process; a larger one uses the cached linear maps,
+    # about a third of the memory. 0 always uses the maps.
+    signals_max_gb: float = Field(default=6.0, ge=0)
+
+
+def apply_fit_memory_budget(settings: WorkerSettings) -> None:
+    """Make this process's fits use the settings' budget for layer signals."""
+    signals.MAX_BYTES = int(settings.signals_max_gb * 1024**3)
 
 
 @lru_cache
