@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -66,3 +67,11 @@ def few_shot_indices(labels: np.ndarray, shots: int, seed: int) -> np.ndarray:
     picked = [rng.choice(np.flatnonzero(labels == c), shots, replace=False)
               for c in np.unique(labels)]
     return np.sort(np.concatenate(picked))
+
+
+def dev_indices(labels: np.ndarray, shots: int, seeds: Sequence[int], size: int) -> np.ndarray:
+    """`size` training-pool indices outside every seed's few-shot draw: development images
+    for choosing defaults, so that the t10k test set is never looked at."""
+    used = np.unique(np.concatenate([few_shot_indices(labels, shots, s) for s in seeds]))
+    rest = np.setdiff1d(np.arange(len(labels)), used)
+    return np.random.default_rng(12345).choice(rest, size, replace=False)

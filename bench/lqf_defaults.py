@@ -25,7 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.fashion_mnist import CLASS_NAMES, few_shot_indices, input_size, load_split, to_tensor
+from bench.fashion_mnist import (
+    CLASS_NAMES,
+    dev_indices,
+    few_shot_indices,
+    input_size,
+    load_split,
+    to_tensor,
+)
 from bench.transfer import machine_info
 from lqf_core.backbones import load_backbone
 from lqf_core.calibration import expected_calibration_error
@@ -112,10 +119,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(2)
     backbone = load_backbone("mobilenet_v2")
     x_pool, y_pool = load_split("train")
-    used = np.unique(np.concatenate([few_shot_indices(y_pool, args.shots, s)
-                                     for s in args.seeds]))
-    rest = np.setdiff1d(np.arange(len(y_pool)), used)
-    dev = np.random.default_rng(12345).choice(rest, args.dev_size, replace=False)
+    dev = dev_indices(y_pool, args.shots, args.seeds, args.dev_size)
     y_dev = torch.from_numpy(y_pool[dev])
     runs = []
     for seed in args.seeds:

@@ -24,11 +24,17 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from bench.fashion_mnist import CLASS_NAMES, few_shot_indices, input_size, load_split, to_tensor
-from bench.transfer import machine_info
+from bench.fashion_mnist import (
+    CLASS_NAMES,
+    dev_indices,
+    few_shot_indices,
+    input_size,
+    load_split,
+    to_tensor,
+)
+from bench.transfer import log, machine_info
 from lqf_core import signals
 from lqf_core.backbones import load_backbone
 from lqf_core.classifier import build_classifier
@@ -41,10 +47,6 @@ OBJECTIVES: dict[str, dict] = {
                              "max_iters": 500},
 }
 PATHS = ("signals", "linear maps")
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -60,10 +62,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(2)
     backbone = load_backbone("mobilenet_v2")
     x_pool, y_pool = load_split("train")
-    used = np.unique(np.concatenate([few_shot_indices(y_pool, args.shots, s)
-                                     for s in args.seeds]))
-    dev = np.random.default_rng(12345).choice(np.setdiff1d(np.arange(len(y_pool)), used),
-                                              args.dev_size, replace=False)
+    dev = dev_indices(y_pool, args.shots, args.seeds, args.dev_size)
     y_dev = torch.from_numpy(y_pool[dev])
     size = input_size(TrainConfig(), backbone)
     x_dev = to_tensor(x_pool[dev], size, backbone.mean, backbone.std)

@@ -109,12 +109,6 @@ class LinearizedNet:
         grads = pullback(u)[0]
         return self.space.flatten(grads)
 
-    def ggn_matvec(self, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """J(z)^T J(z) v (summed over the batch), (P,)."""
-        with torch.no_grad():
-            _, jv = self.jvp(z, v)
-        return self.vjp(z, jv)
-
     def linear_maps(self, z: torch.Tensor) -> tuple[
         torch.Tensor, Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]
     ]:

@@ -86,15 +86,7 @@ class QuadraticProblem:
 
     def hessian_matvec(self, v: torch.Tensor) -> torch.Tensor:
         """H v = J^T J v / N + (the regularizer's Hessian) v."""
-        total = torch.zeros_like(v)
-        if self.products is not None:
-            total = self.products.transpose(self.products.forward(v))
-        elif self._maps is not None:
-            for _, jvp_map, vjp_map in self._maps:
-                total += vjp_map(jvp_map(v))
-        else:
-            for sl in self.slices:
-                total += self.lin.ggn_matvec(self.z[sl], v)
+        total = self.transpose_products(self.jacobian_products(v))
         return self.over_items(total) / self.n + self.regularizer_matvec(v)
 
     def over_items(self, partial: torch.Tensor) -> torch.Tensor:
