@@ -10,12 +10,19 @@ It answers two questions behind the solver defaults: does the optimum (a converg
 solve) predict as well as a truncated one, and how many iterations does converging
 take. A converged solve matters beyond accuracy: exact unlearning promises "what a fresh
 job would give", which is only well defined at the optimum. The test set is not used.
+
+    python -m bench.solver --objectives default isotropic --out docs/results/solver-default.json
+
+studies a job's own quadratic instead (the backbone's default suffix, the input size the
+job would choose, products from the layer signals): the default objective, the
+K-FAC-metric ridge, against the isotropic ridge whose early stop was the default before.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -26,9 +33,9 @@ import torch
 from bench.fashion_mnist import few_shot_indices, input_size, load_split, to_tensor
 from bench.transfer import machine_info
 from lqf_core.backbones import load_backbone
-from lqf_core.config import DEFAULT_VAL_FRACTION, TrainConfig
+from lqf_core.config import DEFAULT_VAL_FRACTION, Regularizer, TrainConfig
 from lqf_core.linearize import batches
-from lqf_core.lqf import build_lqf_problem, kfac_preconditioner, solve_quadratic
+from lqf_core.lqf import build_lqf_problem, kfac_preconditioner, regularize, solve_quadratic
 from lqf_core.train import split_by_item
 
 # The quadratic this study was recorded on (docs/results/solver.*): 2 linearized blocks, the
@@ -41,12 +48,28 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+# --objectives: a job's quadratic (default suffix and input size, signal products) with the
+# default regularizer, or with the isotropic one at the early stop's weight decay.
+OBJECTIVES = {"default": TrainConfig(),
+              "isotropic": TrainConfig(regularizer=Regularizer.ISOTROPIC)}
+
+
 def study(lam: float, probe_l2: float, z_fit: torch.Tensor, y_fit: torch.Tensor,
-          z_val: torch.Tensor, y_val: torch.Tensor, iters: int, backbone) -> dict:
-    config = TrainConfig(weight_decay=lam, probe_l2=probe_l2, suffix_blocks=SUFFIX_BLOCKS)
-    setup = build_lqf_problem(backbone, z_fit, y_fit, 10, config, torch.device("cpu"))
+          z_val: torch.Tensor, y_val: torch.Tensor, iters: int, backbone,
+          config: TrainConfig | None = None) -> dict:
+    """The path of one solve; `config` (an objective's) or the session-3 quadratic."""
+    job = config is not None
+    if config is None:
+        config = TrainConfig(weight_decay=lam, probe_l2=probe_l2, suffix_blocks=SUFFIX_BLOCKS)
+    config = config.replace(weight_decay=config.ridge).resolved_solver_settings()
+    lam, probe_l2 = config.ridge, config.probe_l2
+    setup = build_lqf_problem(backbone, z_fit, y_fit, 10, config, torch.device("cpu"),
+                              signals=job)
     started = time.monotonic()
-    precond = kfac_preconditioner(setup.problem)
+    if job:
+        precond = regularize(setup.problem, config)
+    else:  # the session-3 study: the isotropic quadratic, whatever the default
+        precond = kfac_preconditioner(setup.problem)
     kfac_s = time.monotonic() - started
     path: list[dict] = []
 
@@ -72,7 +95,10 @@ def study(lam: float, probe_l2: float, z_fit: torch.Tensor, y_fit: torch.Tensor,
     solve_s = time.monotonic() - started
     first_below = {f"{t:g}": next((i + 1 for i, r in enumerate(history) if r <= t), None)
                    for t in (1e-2, 1e-3, 1e-4)}
-    return {"weight_decay": lam, "probe_l2": probe_l2, "kfac_seconds": kfac_s,
+    return {"objective": config.resolved_regularizer.value if job else "isotropic (2 blocks)",
+            "metric_strength": (config.metric_strength
+                                if config.resolved_regularizer == Regularizer.KFAC else None),
+            "weight_decay": lam, "probe_l2": probe_l2, "kfac_seconds": kfac_s,
             "seconds_per_iteration": solve_s / max(result.iterations, 1),
             "iterations_to_tol": first_below, "final_relative_grad_norm": history[-1],
             "path": path}
@@ -82,15 +108,18 @@ def markdown(runs: list[dict], command: str, meta: dict) -> str:
     lines = [f"# Solver study\n\n`{command}` — {meta['date']}, {meta['machine']}\n",
              "Validation accuracy (%, the 20 % split of the 100-shot training set) and "
              "relative gradient norm along K-FAC-preconditioned CG.\n",
-             "| lambda | probe_l2 | s / iteration | iterations to 1e-2 / 1e-3 / 1e-4 | "
+             "| objective | lambda | probe_l2 | s / iteration | iterations to 1e-2 / 1e-3 / 1e-4 | "
              + " | ".join(f"it {c}" for c in CHECKPOINTS) + " |",
-             "|---" * (4 + len(CHECKPOINTS)) + "|"]
+             "|---" * (5 + len(CHECKPOINTS)) + "|"]
     for run in runs:
         by_it = {p["iteration"]: p for p in run["path"]}
         cells = [f"{100 * by_it[c]['val_accuracy']:.1f} ({by_it[c]['relative_grad_norm']:.0e})"
                  if c in by_it else "" for c in CHECKPOINTS]
         tol = " / ".join(str(run["iterations_to_tol"][k]) for k in ("0.01", "0.001", "0.0001"))
-        lines.append(f"| {run['weight_decay']:g} | {run['probe_l2']:g} | "
+        objective = run.get("objective", "isotropic (2 blocks)")
+        if run.get("metric_strength"):
+            objective += f", mu = {run['metric_strength']:g}"
+        lines.append(f"| {objective} | {run['weight_decay']:g} | {run['probe_l2']:g} | "
                      f"{run['seconds_per_iteration']:.2f} | {tol} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -103,23 +132,34 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--lambdas", type=float, nargs="+", default=[1e-3, 1e-2, 1e-1])
     parser.add_argument("--probe-l2", type=float, default=TrainConfig.probe_l2)
     parser.add_argument("--iters", type=int, default=200)
+    parser.add_argument("--objectives", nargs="+", choices=sorted(OBJECTIVES),
+                        help="study a job's quadratic with these regularizers instead of "
+                             "the session-3 lambda sweep (2 blocks, 64 px)")
     parser.add_argument("--out", type=Path, default=Path("docs/results/solver.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    command = "python -m bench.solver " + " ".join(argv if argv is not None else [])
+    command = "python -m bench.solver " + " ".join(sys.argv[1:] if argv is None else argv)
     backbone = load_backbone("mobilenet_v2")
     x_pool, y_pool = load_split("train")
     idx = few_shot_indices(y_pool, args.shots, args.seed)
-    config = TrainConfig(suffix_blocks=SUFFIX_BLOCKS)
-    x = to_tensor(x_pool[idx], input_size(config, backbone), backbone.mean, backbone.std)
+    suffix = backbone.default_suffix_blocks if args.objectives else SUFFIX_BLOCKS
+    config = TrainConfig(suffix_blocks=suffix)
+    # the session-3 study ran at the fixed 64 px of its time; a job's size comes from the rule
+    size = input_size(config, backbone) if args.objectives else 64
+    x = to_tensor(x_pool[idx], size, backbone.mean, backbone.std)
     y = torch.as_tensor(y_pool[idx])
     fit, val = split_by_item(y.tolist(), [str(i) for i in idx], DEFAULT_VAL_FRACTION,
                              args.seed)
     prefix = backbone.split(config.suffix_blocks)[0]
     with torch.no_grad():
         z = torch.cat([prefix(x[sl]) for sl in batches(len(x), 128)])
-    runs = [study(lam, args.probe_l2, z[fit], y[fit], z[val], y[val], args.iters, backbone)
-            for lam in args.lambdas]
+    if args.objectives:
+        runs = [study(0.0, 0.0, z[fit], y[fit], z[val], y[val], args.iters, backbone,
+                      OBJECTIVES[name].replace(suffix_blocks=suffix, image_size=size))
+                for name in args.objectives]
+    else:
+        runs = [study(lam, args.probe_l2, z[fit], y[fit], z[val], y[val], args.iters,
+                      backbone) for lam in args.lambdas]
     meta = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": machine_info().get("cpu", "unknown")}
     args.out.parent.mkdir(parents=True, exist_ok=True)

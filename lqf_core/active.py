@@ -156,7 +156,7 @@ class HeadPosterior:
         gram = phi.T @ phi
         eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
         prior = n * config.ridge * eye
-        if config.regularizer == Regularizer.KFAC:
+        if config.resolved_regularizer == Regularizer.KFAC:
             if model.num_classes > EXACT_OUTPUTS_LIMIT:
                 raise InvalidDataError(
                     f"ranking under the kfac regularizer needs at most {EXACT_OUTPUTS_LIMIT} "

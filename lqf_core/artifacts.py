@@ -92,6 +92,12 @@ def read_metadata(directory: str | Path) -> dict:
     return metadata
 
 
+# A saved config holds every field of its time. A field added later, whose default then
+# changed, must read as what that model was trained with, not as today's default: models
+# saved before the regularizer existed were fitted on the isotropic ridge.
+FIELDS_BEFORE_THEY_WERE_SAVED = {"regularizer": "isotropic"}
+
+
 def load_model(directory: str | Path) -> TrainedModel:
     """Load an artifact written by `save_model`; raises IncompatibleModelError."""
     directory = Path(directory)
@@ -106,7 +112,7 @@ def load_model(directory: str | Path) -> TrainedModel:
             f"{str(metadata.get('content_hash'))[:12]}; the artifact is corrupt or was edited"
         )
     try:
-        config = TrainConfig.from_dict(metadata["config"])
+        config = TrainConfig.from_dict({**FIELDS_BEFORE_THEY_WERE_SAVED, **metadata["config"]})
         method = Method(metadata["method"])
         tensors = load_file(str(tensors_path))
     except (KeyError, ValueError, InvalidConfigError) as exc:

@@ -27,17 +27,27 @@ class LQFLoss(StrEnum):
 class Regularizer(StrEnum):
     """The penalty on dw = w - w0."""
 
-    ISOTROPIC = "isotropic"  # lambda/2 ||dw||^2
+    # lambda/2 ||dw||^2. PCG does not converge on it at real scale (it stalls near 1e-2),
+    # so its default is an early stop of 10 iterations that regularises by stopping.
+    ISOTROPIC = "isotropic"
     # mu/2 dw^T (K + lambda I) dw, K the K-FAC approximation of J^T J / N: the generalised
     # ridge that early-stopped K-FAC-preconditioned CG approximates (docs/method.md). The
-    # preconditioned system is well conditioned, so the solve converges to `tol`.
+    # preconditioned system is well conditioned, so the solve converges to `tol`. The
+    # default wherever K-FAC preconditions the MSE fit.
     KFAC = "kfac"
+
+
+# What each regularizer's solve runs to when max_iters / tol are unset: the kfac one to
+# its optimum (500 is a cap, reached only if it fails to converge; 1,000 items take about
+# 45 iterations), the isotropic one for its measured early stop.
+DEFAULT_MAX_ITERS = {Regularizer.KFAC: 500, Regularizer.ISOTROPIC: 10}
+DEFAULT_TOL = {Regularizer.KFAC: 1e-4, Regularizer.ISOTROPIC: 1e-3}
 
 
 class Solver(StrEnum):
     """How the LQF quadratic is solved (docs/method.md)."""
 
-    PCG = "pcg"  # K-FAC-preconditioned CG for max_iters iterations: an early stop
+    PCG = "pcg"  # K-FAC-preconditioned CG to tol (at most max_iters iterations)
     # The unique optimum by one Cholesky factor of the N*C x N*C Gram matrix (exact.py),
     # with exact leave-one-out outputs; every item is trained on (no held-out fifth).
     EXACT = "exact"
@@ -109,14 +119,19 @@ class TrainConfig:
     probe_l2: float = 10.0
     loss: LQFLoss = LQFLoss.MSE
     use_kfac: bool = True
-    regularizer: Regularizer = Regularizer.ISOTROPIC
+    # None: "kfac" for the MSE fit by K-FAC-preconditioned CG (solved to its optimum),
+    # else "isotropic". The trained model records the value.
+    regularizer: Regularizer | None = None
     solver: Solver = Solver.PCG
-    metric_strength: float = 1.0  # mu of the "kfac" regularizer
-    # PCG iterations (or optimiser steps for the CE ablation). An early stop, not a converged
-    # solve: validation accuracy peaks after 5-10 iterations (bench.solver), and the transfer
-    # benchmark's validation split chose 10 over 30 in 11 of 12 LQF runs.
-    max_iters: int = 10
-    tol: float = 1e-3  # stop when ||grad|| / ||grad at start|| <= tol
+    # mu of the "kfac" regularizer: 10 was as accurate as the isotropic early stop on dev at
+    # 10, 25 and 100 shots, 1 no better and slower, 100 less accurate (docs/method.md).
+    metric_strength: float = 10.0
+    # PCG iterations at most (or optimiser steps for the CE ablation). None: the
+    # regularizer's DEFAULT_MAX_ITERS (the isotropic one's 10 are an early stop:
+    # validation accuracy peaked after 5-10 iterations, bench.solver). Recorded.
+    max_iters: int | None = None
+    # Stop when ||grad|| / ||grad at dw = 0|| <= tol. None: the regularizer's DEFAULT_TOL.
+    tol: float | None = None
     # Processes that share the fit, each a shard of the items (distributed.py): the same
     # model to rounding, sooner on a host with cores or GPUs to spare. LQF with solver pcg.
     workers: int = 1
@@ -176,6 +191,32 @@ class TrainConfig:
             return self.weight_decay
         return DEFAULT_WEIGHT_DECAY[self.solver]
 
+    @property
+    def resolved_regularizer(self) -> Regularizer:
+        """regularizer, or the default where it is unset: "kfac" wherever K-FAC
+        preconditions an MSE fit by PCG (the converged objective), else "isotropic"."""
+        if self.regularizer is not None:
+            return self.regularizer
+        converges = (self.method == Method.LQF and self.loss == LQFLoss.MSE and self.use_kfac
+                     and self.solver == Solver.PCG)
+        return Regularizer.KFAC if converges else Regularizer.ISOTROPIC
+
+    @property
+    def resolved_max_iters(self) -> int:
+        if self.max_iters is not None:
+            return self.max_iters
+        return DEFAULT_MAX_ITERS[self.resolved_regularizer]
+
+    @property
+    def resolved_tol(self) -> float:
+        return self.tol if self.tol is not None else DEFAULT_TOL[self.resolved_regularizer]
+
+    def resolved_solver_settings(self) -> TrainConfig:
+        """This config with the regularizer, max_iters and tol it runs with filled in
+        (train_model records them in the model)."""
+        return self.replace(regularizer=self.resolved_regularizer,
+                            max_iters=self.resolved_max_iters, tol=self.resolved_tol)
+
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
@@ -194,8 +235,10 @@ class TrainConfig:
              "null (the solver's default) or positive"),
             ("metric_strength", self.metric_strength > 0, "positive"),
             ("probe_l2", self.probe_l2 > 0, "positive"),
-            ("max_iters", 1 <= self.max_iters <= 100_000, "between 1 and 100000"),
-            ("tol", 0 < self.tol < 1, "in (0, 1)"),
+            ("max_iters", self.max_iters is None or 1 <= self.max_iters <= 100_000,
+             "null (the regularizer's default) or between 1 and 100000"),
+            ("tol", self.tol is None or 0 < self.tol < 1,
+             "null (the regularizer's default) or in (0, 1)"),
             ("lr", 0 < self.lr < 10, "in (0, 10)"),
             ("epochs", 1 <= self.epochs <= 10_000, "between 1 and 10000"),
             ("train_blocks", 0 <= self.train_blocks <= 64, "between 0 and 64"),
@@ -208,8 +251,8 @@ class TrainConfig:
         if self.regularizer == Regularizer.KFAC and not (
                 self.use_kfac and self.loss == LQFLoss.MSE):
             raise InvalidConfigError("regularizer 'kfac' needs use_kfac true and loss 'mse'")
-        if self.solver == Solver.EXACT and not (
-                self.loss == LQFLoss.MSE and self.regularizer == Regularizer.ISOTROPIC):
+        isotropic = self.resolved_regularizer == Regularizer.ISOTROPIC
+        if self.solver == Solver.EXACT and not (self.loss == LQFLoss.MSE and isotropic):
             raise InvalidConfigError("solver 'exact' needs loss 'mse' and regularizer "
                                      "'isotropic'")
         if self.workers > 1 and not (self.method == Method.LQF and self.solver == Solver.PCG

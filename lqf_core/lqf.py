@@ -252,7 +252,7 @@ def regularize(problem: QuadraticProblem, config: TrainConfig,
     """Compute K-FAC on the problem's data; attach the config's regularizer to the problem
     (its Hessian then is the objective's) -> the curvature approximation of that H."""
     kfac = kfac_preconditioner(problem, on_batch=on_batch)
-    if config.regularizer == Regularizer.KFAC:
+    if config.resolved_regularizer == Regularizer.KFAC:
         problem.metric, problem.metric_strength = kfac, config.metric_strength
         return CurvatureApproximation(kfac, 1.0 / (1.0 + config.metric_strength))
     return CurvatureApproximation(kfac, 1.0)
@@ -379,7 +379,7 @@ def fit_lqf(backbone: Backbone, z: torch.Tensor, y: torch.Tensor, num_classes: i
     if config.loss == LQFLoss.MSE:
         x0 = setup.warm_start_from(warm_start) if warm_start is not None else None
         result = solve_quadratic(
-            problem, precond, config.tol, config.max_iters, x0=x0,
+            problem, precond, config.resolved_tol, config.resolved_max_iters, x0=x0,
             callback=None if on_step is None else (
                 lambda i, r: on_step(i, {"relative_grad_norm": r})),
             should_stop=should_stop,
@@ -390,7 +390,7 @@ def fit_lqf(backbone: Backbone, z: torch.Tensor, y: torch.Tensor, num_classes: i
                     solver_converged=result.converged)
     else:
         delta = fit_cross_entropy(
-            problem, y.to(device), precond, config.max_iters,
+            problem, y.to(device), precond, config.resolved_max_iters,
             callback=None if on_step is None else (lambda i, loss: on_step(i, {"loss": loss})),
             should_stop=should_stop,
         )

@@ -129,7 +129,7 @@ class LQFPosterior:
         self.residuals = self.problem.targets - self.train_outputs  # e_i, (N, C)
         self.labels = labels
         self._curvature: CurvatureApproximation | None = None
-        if model.config.regularizer == Regularizer.KFAC:
+        if model.config.resolved_regularizer == Regularizer.KFAC:
             # Part of the objective itself (its Hessian), so it is needed before any solve.
             self._curvature = regularize(self.problem, model.config,
                                          on_batch=lambda *_: self._check())

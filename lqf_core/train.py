@@ -254,7 +254,7 @@ def _train_lqf(backbone: Backbone, z: torch.Tensor, y: torch.Tensor, num_classes
 
     def on_step(i: int, metrics: dict[str, float]) -> None:
         history.append({"iteration": i, **metrics})
-        report("solve", i, config.max_iters, **metrics)
+        report("solve", i, config.resolved_max_iters, **metrics)
 
     fit = fit_lqf(backbone, z, y, num_classes, config, device,
                   on_kfac=lambda i, n: report(curvature_stage, i, n),
@@ -395,6 +395,8 @@ def train_model(
         backbone = load_backbone(config.backbone, weights_dir)
     if config.weight_decay is None:
         config = config.replace(weight_decay=config.ridge)
+    if config.method == Method.LQF:
+        config = config.resolved_solver_settings()
     if config.suffix_blocks is None:
         config = config.replace(suffix_blocks=backbone.default_suffix_blocks)
     assert config.suffix_blocks is not None

@@ -7,8 +7,9 @@ quadratic around it and its K-FAC factors.
 
 The solver's starting point comes from the parent (its weights w0' + dw') only when
 the parent's solve converged: then both runs end at the same optimum, to the solver's
-tolerance. When it stopped at `max_iters` first (the default budget is an early stop,
-docs/method.md), the end point depends on the start, and a start fitted on the
+tolerance (the default objective converges). When it stopped at `max_iters` first (the
+isotropic regularizer's budget is an early stop, docs/method.md), the end point depends on
+the start, and a start fitted on the
 forgotten items would leave their trace in the result. Then the job runs exactly the
 path a fresh job takes, from zero. The frozen prefix outputs of the remaining items
 depend on their images only and are reused (`prefix_cache`); the forgotten items'

@@ -49,6 +49,13 @@ def test_loaded_metadata_round_trips(tmp_path, data):
     assert loaded.info["dataset_id"] == "ds-1"
     meta = json.loads((tmp_path / "model.json").read_text())
     assert meta["backbone"] == "tiny_cnn" and meta["versions"]["torch"] == torch.__version__
+    # the solver settings it ran with are recorded, not left to a later default
+    assert (meta["config"]["regularizer"], meta["config"]["tol"]) == ("kfac", 1e-4)
+    assert model.info["solver_converged"]
+    # a model saved before the regularizer was recorded was fitted on the isotropic ridge
+    del meta["config"]["regularizer"]
+    (tmp_path / "model.json").write_text(json.dumps(meta))
+    assert load_model(tmp_path).config.regularizer == "isotropic"
 
 
 def test_corrupt_or_foreign_artifacts_fail_clearly(tmp_path, data):

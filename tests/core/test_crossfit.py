@@ -7,15 +7,19 @@ import pytest
 import torch
 
 from lqf_core.classifier import build_classifier
-from lqf_core.config import TrainConfig
+from lqf_core.config import Regularizer, TrainConfig
 from lqf_core.crossfit import cross_fit_model, fold_of
 from lqf_core.errors import InvalidDataError
 from lqf_core.train import train_model
 from tests.core.factories import separable_images
 
-# The library's own early stop (K-FAC PCG, 10 iterations), in float64 on a tiny network.
-CONFIG = TrainConfig(backbone="tiny_cnn", image_size=16, val_fraction=0.0, suffix_blocks=1,
-                     kappa=2.0, device="cpu")
+# The library's defaults (the K-FAC-metric ridge solved to tol), in float64 on a tiny network.
+DEFAULT = TrainConfig(backbone="tiny_cnn", image_size=16, val_fraction=0.0, suffix_blocks=1,
+                      kappa=2.0, device="cpu")
+# The isotropic early stop (K-FAC PCG, 10 iterations).
+CONFIG = DEFAULT.replace(regularizer=Regularizer.ISOTROPIC, max_iters=10)
+# The default objective, converged to round-off.
+CONVERGED = DEFAULT.replace(tol=1e-10, max_iters=2000)
 NAMES = ["a", "b", "c"]
 
 
@@ -24,22 +28,24 @@ def data():
     return separable_images(18, seed=1)
 
 
-def test_each_fold_is_scored_by_a_fresh_training_run_without_it(backbone, data):
+@pytest.mark.parametrize("config", [CONFIG, CONVERGED], ids=["early-stop", "converged"])
+def test_each_fold_is_scored_by_a_fresh_training_run_without_it(backbone, data, config):
     x, labels = data
     ids = [f"item-{i}" for i in range(len(labels))]
-    model = train_model(x, labels.tolist(), NAMES, CONFIG, backbone=backbone, item_ids=ids)
+    model = train_model(x, labels.tolist(), NAMES, config, backbone=backbone, item_ids=ids)
+    assert model.info["solver_converged"] == (config is CONVERGED)
     result = cross_fit_model(model, x, labels.tolist(), ids, folds=3, backbone=backbone)
-    assert result.folds.tolist() == [fold_of(i, 3, CONFIG.seed) for i in ids]
+    assert result.folds.tolist() == [fold_of(i, 3, config.seed) for i in ids]
     assert len(result.folds.unique()) == 3
     for k in range(3):
         held = result.folds == k
         keep = [i for i, h in zip(ids, held.tolist(), strict=True) if not h]
-        fresh = train_model(x[~held], labels[~held].tolist(), NAMES, CONFIG,
+        fresh = train_model(x[~held], labels[~held].tolist(), NAMES, config,
                             backbone=backbone, item_ids=keep)
         logits = build_classifier(fresh, backbone, torch.device("cpu")).logits(x[held])
         assert torch.allclose(result.outputs[held], logits, rtol=0, atol=1e-6)
-    targets = CONFIG.kappa * torch.nn.functional.one_hot(labels, 3).double()
-    expected = ((targets - result.outputs) ** 2).sum(1) / CONFIG.kappa**2
+    targets = config.kappa * torch.nn.functional.one_hot(labels, 3).double()
+    expected = ((targets - result.outputs) ** 2).sum(1) / config.kappa**2
     assert torch.allclose(result.scores, expected)
     assert torch.equal(result.predicted, result.outputs.argmax(1))
 
@@ -78,7 +84,7 @@ def test_a_small_default_job_trains_on_every_item_and_calibrates_on_cross_fitted
 
     x, labels = data
     ids = [f"item-{i}" for i in range(len(labels))]
-    unset = CONFIG.replace(val_fraction=None)
+    unset = DEFAULT.replace(val_fraction=None)
     model = train_model(x, labels.tolist(), NAMES, unset, backbone=backbone, item_ids=ids)
     assert model.info["calibration"] == "crossfit"
     assert model.info["num_val"] == 0 and model.info["train_item_ids"] == ids
@@ -92,12 +98,12 @@ def test_a_small_default_job_trains_on_every_item_and_calibrates_on_cross_fitted
     assert model.temperature == pytest.approx(fit_temperature(logits, labels), rel=1e-3)
     assert {"cv_accuracy", "cv_nll", "cv_ece"} <= set(model.metrics)
     # the served model is the one trained on every item
-    every = train_model(x, labels.tolist(), NAMES, CONFIG, backbone=backbone, item_ids=ids)
+    every = train_model(x, labels.tolist(), NAMES, DEFAULT, backbone=backbone, item_ids=ids)
     assert model.tensors.keys() == every.tensors.keys()
     assert all(torch.equal(t, every.tensors[name]) for name, t in model.tensors.items())
 
     # an explicit fraction holds out, and so does a job too large for cross-fitting
-    explicit = train_model(x, labels.tolist(), NAMES, CONFIG.replace(val_fraction=0.2),
+    explicit = train_model(x, labels.tolist(), NAMES, DEFAULT.replace(val_fraction=0.2),
                            backbone=backbone, item_ids=ids)
     assert explicit.info["calibration"] == "holdout" and explicit.info["num_val"] > 0
     n = CROSSFIT_CALIBRATION_MAX_ITEMS + 1
