@@ -67,3 +67,29 @@ def test_loss_is_exactly_quadratic_in_delta_w(problem: QuadraticProblem):
 def test_solver_reports_cancellation(problem: QuadraticProblem):
     with pytest.raises(TrainingCancelled):
         solve_quadratic(problem, None, tol=1e-12, max_iters=50, should_stop=lambda: True)
+
+
+def test_the_solve_stage_totals_where_the_solver_will_stop():
+    from lqf_core.train import expected_iterations
+
+    # a residual falling tenfold per iteration reaches 1e-4 at iteration 4
+    assert expected_iterations(2, 1e-2, 1e-4, 500) == 4
+    assert expected_iterations(45, 9e-5, 1e-4, 500) == 45  # reached: the stage ends
+    assert expected_iterations(1, 0.9, 1e-4, 50) == 50  # never beyond the budget
+    assert expected_iterations(3, None, 1e-4, 10) == 10  # no norm (the CE ablation)
+
+
+def test_a_converged_fit_reports_a_solve_stage_that_ends_full(backbone):
+    from lqf_core.config import TrainConfig
+    from lqf_core.train import train_model
+    from tests.core.factories import separable_images
+
+    x, labels = separable_images(18, seed=1)
+    seen = []
+    config = TrainConfig(backbone="tiny_cnn", image_size=16, val_fraction=0.0,
+                         suffix_blocks=1, device="cpu")
+    model = train_model(x, labels.tolist(), ["a", "b", "c"], config, backbone=backbone,
+                        progress=seen.append)
+    solve = [p for p in seen if p.stage == "solve"]
+    assert model.info["solver_converged"] and model.info["solver_iterations"] < 500
+    assert solve[-1].step == solve[-1].total == model.info["solver_iterations"]
