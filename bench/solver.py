@@ -35,7 +35,7 @@ from bench.transfer import machine_info
 from lqf_core.backbones import load_backbone
 from lqf_core.config import DEFAULT_VAL_FRACTION, Regularizer, TrainConfig
 from lqf_core.linearize import batches
-from lqf_core.lqf import build_lqf_problem, kfac_preconditioner, regularize, solve_quadratic
+from lqf_core.lqf import build_lqf_problem, regularize, solve_quadratic
 from lqf_core.train import split_by_item
 
 # The quadratic this study was recorded on (docs/results/solver.*): 2 linearized blocks, the
@@ -54,22 +54,16 @@ OBJECTIVES = {"default": TrainConfig(),
               "isotropic": TrainConfig(regularizer=Regularizer.ISOTROPIC)}
 
 
-def study(lam: float, probe_l2: float, z_fit: torch.Tensor, y_fit: torch.Tensor,
-          z_val: torch.Tensor, y_val: torch.Tensor, iters: int, backbone,
-          config: TrainConfig | None = None) -> dict:
-    """The path of one solve; `config` (an objective's) or the session-3 quadratic."""
-    job = config is not None
-    if config is None:
-        config = TrainConfig(weight_decay=lam, probe_l2=probe_l2, suffix_blocks=SUFFIX_BLOCKS)
+def study(config: TrainConfig, z_fit: torch.Tensor, y_fit: torch.Tensor,
+          z_val: torch.Tensor, y_val: torch.Tensor, iters: int, backbone, job: bool) -> dict:
+    """The path of one solve of `config`'s quadratic; `job`: with a job's signal products
+    (--objectives), else as the session-3 study built it."""
     config = config.replace(weight_decay=config.ridge).resolved_solver_settings()
     lam, probe_l2 = config.ridge, config.probe_l2
     setup = build_lqf_problem(backbone, z_fit, y_fit, 10, config, torch.device("cpu"),
                               signals=job)
     started = time.monotonic()
-    if job:
-        precond = regularize(setup.problem, config)
-    else:  # the session-3 study: the isotropic quadratic, whatever the default
-        precond = kfac_preconditioner(setup.problem)
+    precond = regularize(setup.problem, config)
     kfac_s = time.monotonic() - started
     path: list[dict] = []
 
@@ -154,12 +148,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     with torch.no_grad():
         z = torch.cat([prefix(x[sl]) for sl in batches(len(x), 128)])
     if args.objectives:
-        runs = [study(0.0, 0.0, z[fit], y[fit], z[val], y[val], args.iters, backbone,
-                      OBJECTIVES[name].replace(suffix_blocks=suffix, image_size=size))
-                for name in args.objectives]
-    else:
-        runs = [study(lam, args.probe_l2, z[fit], y[fit], z[val], y[val], args.iters,
-                      backbone) for lam in args.lambdas]
+        configs = [OBJECTIVES[name].replace(suffix_blocks=suffix, image_size=size)
+                   for name in args.objectives]
+    else:  # the session-3 sweep: the isotropic ridge at each lambda
+        configs = [TrainConfig(weight_decay=lam, probe_l2=args.probe_l2,
+                               suffix_blocks=SUFFIX_BLOCKS, regularizer=Regularizer.ISOTROPIC)
+                   for lam in args.lambdas]
+    runs = [study(config, z[fit], y[fit], z[val], y[val], args.iters, backbone,
+                  job=bool(args.objectives)) for config in configs]
     meta = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": machine_info().get("cpu", "unknown")}
     args.out.parent.mkdir(parents=True, exist_ok=True)
