@@ -222,21 +222,23 @@ def mislabel_section(x: torch.Tensor, y_clean: np.ndarray, args: argparse.Namesp
         "lqf_training_loss": detection((post.residuals**2).sum(1).float().cpu(), is_flipped,
                                        args.noise),
     }
-    ft, _ = train_finetune(x, noisy.tolist(), args.seed, backbone)
-    net = trained_finetune_network(ft, backbone)
-    x_scored, y_scored = x[scored], torch.from_numpy(noisy[scored])
-    with torch.no_grad():
-        ce = F.cross_entropy(net(x_scored), y_scored, reduction="none")
-    methods["finetune_training_loss"] = detection(ce, is_flipped, args.noise)
     kron_note = None
-    if args.kronfluence:
-        try:
-            kron, kron_s = timed(kronfluence_self_influence, net, x_scored, y_scored,
-                                 lqf.config.suffix_blocks)
-            methods["kronfluence_self_influence"] = detection(kron, is_flipped, args.noise)
-            log(f"kronfluence self-influence in {kron_s:.1f}s")
-        except ImportError as exc:
-            kron_note = f"kronfluence not installed: {exc}"
+    if args.finetune:  # the fine-tuned network's baselines (about 20 min here)
+        ft, _ = train_finetune(x, noisy.tolist(), args.seed, backbone)
+        net = trained_finetune_network(ft, backbone)
+        x_scored, y_scored = x[scored], torch.from_numpy(noisy[scored])
+        with torch.no_grad():
+            ce = F.cross_entropy(net(x_scored), y_scored, reduction="none")
+        methods["finetune_training_loss"] = detection(ce, is_flipped, args.noise)
+        if args.kronfluence:
+            try:
+                kron, kron_s = timed(kronfluence_self_influence, net, x_scored, y_scored,
+                                     lqf.config.suffix_blocks)
+                methods["kronfluence_self_influence"] = detection(kron, is_flipped,
+                                                                  args.noise)
+                log(f"kronfluence self-influence in {kron_s:.1f}s")
+            except ImportError as exc:
+                kron_note = f"kronfluence not installed: {exc}"
     return {"num_scored": len(scored), "num_flipped_scored": int(is_flipped.sum()),
             "noise": args.noise, "lqf_train_seconds": lqf_s,
             "self_influence_seconds": self_s, "leverages": "kfac",
@@ -411,13 +413,16 @@ def cost_section(x: torch.Tensor, y: np.ndarray, x_test: torch.Tensor,
 
 # --- report -------------------------------------------------------------------------------
 
+def _machine(info: dict[str, str]) -> str:
+    return f"{info['cpu']}, {info['cores']} cores, torch {info['torch']}"
+
+
 def markdown(result: dict[str, Any]) -> str:
     mis, cal, cost = result["mislabel"], result["calibration"], result["cost"]
     lines = [
-        "# Query benchmark", "",
-        f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, "
-        f"torch {result['machine']['torch']}. Runs:", "",
-        *[f"- {name}: `{result[name]['run']['command']}` ({result[name]['run']['date']})"
+        "# Query benchmark", "", "Runs:", "",
+        *[f"- {name}: `{result[name]['run']['command']}` ({result[name]['run']['date']}, "
+          f"{_machine(result[name]['run'].get('machine', result['machine']))})"
           for name in SECTIONS], "",
         f"## Mislabel detection ({mis['num_scored']} scored training items, "
         f"{mis['num_flipped_scored']} flipped; top {mis['noise']:.0%})", "",
@@ -487,6 +492,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--test-size", type=int)
     parser.add_argument("--ood-size", type=int)
     parser.add_argument("--no-kronfluence", dest="kronfluence", action="store_false")
+    parser.add_argument("--no-finetune", dest="finetune", action="store_false",
+                        help="mislabel: LQF's rankings only (no fine-tuning, no kronfluence)")
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS),
                         choices=SECTIONS + OPTIONAL_SECTIONS,
                         help="run these only, adding them to the results already in --out")
@@ -514,12 +521,14 @@ def main(argv: list[str] | None = None) -> None:
     x_ood = to_tensor(digits_images(args.ood_size), IMAGE_SIZE, backbone.mean, backbone.std)
     run = {"command": "python -m bench.queries " + shlex.join(sys.argv[1:] if argv is None
                                                               else argv),
-           "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")}
-    # A run of some sections adds them to the results already in --out.
+           "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+           "machine": machine_info()}
+    # A run of some sections adds them to the results already in --out, so each section
+    # keeps its own run (command, date, machine).
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
     result: dict[str, Any] = {
         **{k: previous[k] for k in SECTIONS + OPTIONAL_SECTIONS if k in previous},
-        "machine": machine_info(),
+        "machine": machine_info(),  # of the latest run; each section's run has its own
         "sizes": {"shots": args.shots, "train": len(y), "test": len(y_test),
                   "ood": len(x_ood)},
         "seed": args.seed,
