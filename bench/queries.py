@@ -223,7 +223,7 @@ def mislabel_section(x: torch.Tensor, y_clean: np.ndarray, args: argparse.Namesp
                                        args.noise),
     }
     kron_note = None
-    if args.finetune:  # the fine-tuned network's baselines (about 20 min here)
+    if args.finetune:  # the fine-tuned network's baselines: a learning-rate grid, minutes
         ft, _ = train_finetune(x, noisy.tolist(), args.seed, backbone)
         net = trained_finetune_network(ft, backbone)
         x_scored, y_scored = x[scored], torch.from_numpy(noisy[scored])
