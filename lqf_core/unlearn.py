@@ -9,11 +9,10 @@ The solver's starting point comes from the parent (its weights w0' + dw') only w
 the parent's solve converged: then both runs end at the same optimum, to the solver's
 tolerance (the default objective converges). When it stopped at `max_iters` first (the
 isotropic regularizer's budget is an early stop, docs/method.md), the end point depends on
-the start, and a start fitted on the
-forgotten items would leave their trace in the result. Then the job runs exactly the
-path a fresh job takes, from zero. The frozen prefix outputs of the remaining items
-depend on their images only and are reused (`prefix_cache`); the forgotten items'
-entries are dropped from it.
+the start, and a start fitted on the forgotten items would leave their trace in the
+result. Then the job runs exactly the path a fresh job takes, from zero. The frozen
+prefix outputs of the remaining items depend on their images only and are reused
+(`prefix_cache`); the forgotten items' entries are dropped from it.
 
 Linear probes are refit in closed form; fine-tuned networks have no shortcut and are
 retrained from the pre-trained weights.
