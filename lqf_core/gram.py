@@ -29,21 +29,36 @@ from lqf_core.linearize import LinearizedNet, batches
 @dataclass
 class LayerSignals:
     """One layer's inputs a (N, groups, k, positions) and output gradients
-    d (N, C, groups, o, positions) over the N training inputs."""
+    d (N, C, groups, o, positions) over the N training inputs, or instead its explicit
+    Jacobian rows (N, C, groups * o * k), where those were kept (signals.py)."""
 
     name: str
-    inputs: torch.Tensor
-    output_grads: torch.Tensor
+    inputs: torch.Tensor | None
+    output_grads: torch.Tensor | None
+    rows: torch.Tensor | None = None
+
+    @property
+    def items_and_outputs(self) -> tuple[int, int]:
+        source = self.rows if self.rows is not None else self.output_grads
+        assert source is not None
+        return source.shape[0], source.shape[1]
 
     @property
     def rows_cost(self) -> int:
         """Multiply-adds of the explicit-rows contraction: (N C)^2 * (weights per layer)."""
+        if self.rows is not None:
+            n, c, weights = self.rows.shape
+            return (n * c) ** 2 * weights
+        assert self.inputs is not None and self.output_grads is not None
         n, c, g, o, _ = self.output_grads.shape
         return (n * c) ** 2 * g * o * self.inputs.shape[2]
 
     @property
     def positions_cost(self) -> int | None:
-        """Multiply-adds of the position-pairs contraction (ungrouped layers only)."""
+        """Multiply-adds of the position-pairs contraction (ungrouped layers with their
+        signals only)."""
+        if self.output_grads is None:
+            return None
         n, c, g, o, p = self.output_grads.shape
         if g != 1:
             return None
@@ -95,8 +110,10 @@ def gram_matrix(signals: list[LayerSignals], dtype: torch.dtype = torch.float64,
     Products of two different positions come in transposed pairs; they are summed into
     one buffer whose transpose is added once at the end (a strided add of an (N C)^2
     matrix per pair cost more than the products themselves)."""
-    n, c = signals[0].output_grads.shape[:2]
-    device = signals[0].output_grads.device
+    n, c = signals[0].items_and_outputs
+    first = signals[0].rows if signals[0].rows is not None else signals[0].output_grads
+    assert first is not None
+    device = first.device
     gram = torch.zeros(n * c, n * c, dtype=dtype, device=device)
     off_diagonal = torch.zeros_like(gram)
     for layer in signals:
@@ -113,15 +130,20 @@ def gram_matrix(signals: list[LayerSignals], dtype: torch.dtype = torch.float64,
 
 
 def _add_by_rows(gram: torch.Tensor, layer: LayerSignals) -> None:
-    """Form each row R_ic = Σ_p d_icp a_ipᵀ (per group), then R Rᵀ."""
-    rows = torch.einsum("ncgop,ngkp->ncgok", layer.output_grads, layer.inputs)
-    rows = rows.flatten(2).flatten(0, 1)
+    """Form each row R_ic = Σ_p d_icp a_ipᵀ (per group), unless kept, then R Rᵀ."""
+    if layer.rows is not None:
+        rows = layer.rows.flatten(0, 1)
+    else:
+        assert layer.inputs is not None and layer.output_grads is not None
+        rows = torch.einsum("ncgop,ngkp->ncgok", layer.output_grads, layer.inputs)
+        rows = rows.flatten(2).flatten(0, 1)
     gram.add_(rows @ rows.T)
 
 
 def _add_by_positions(gram: torch.Tensor, off_diagonal: torch.Tensor,
                       layer: LayerSignals) -> None:
     """Σ_{p,q} (D_p D_qᵀ) ⊙ (A_p A_qᵀ expanded over outputs), each unordered pair once."""
+    assert layer.inputs is not None and layer.output_grads is not None
     a = layer.inputs[:, 0]  # (N, k, P)
     d = layer.output_grads[:, :, 0]  # (N, C, o, P)
     n, c, _, num_positions = d.shape

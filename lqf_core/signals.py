@@ -5,15 +5,19 @@ so with every layer's unfolded inputs a and output gradients d recorded once,
     (J v)_ic  = Σ_layers Σ_p d_icp · (V a_ip)          (V: the layer's part of v)
     Jᵀ u      = Σ_i Σ_p (Σ_c u_ic d_icp) a_ipᵀ          (per layer)
 are a few large matrix products per layer instead of a pass through the network. The
-pass that records the signals is the one K-FAC needs anyway (C backward passes per
-batch), so the factors come from it too. On MobileNetV2's 4-block suffix at 96 px,
-1,000 items, a solver iteration (J v, then Jᵀ u) takes about 1.0 s against 2.5 s on the
-cached linear maps (`bench.products`, docs/method.md).
+pass that records them is the one K-FAC needs anyway (C backward passes per batch), so
+the factors come from it too. A layer whose explicit rows R_ic = Σ_p d_icp a_ipᵀ take
+fewer numbers than a and d (a depthwise convolution: 9 weights per group against 9 or
+more positions) keeps the rows instead, and J v, Jᵀ u are one matrix-vector product over
+them. On MobileNetV2's 4-block suffix at 96 px, 1,000 items, a solver iteration (H v)
+takes 0.47 s, against 0.75 s with every layer's a and d and about 2.5 s on the cached
+linear maps (docs/method.md).
 
-The price is memory: N · Σ_layers P (g k + C g o) numbers, 3.8 GB in float32 at
-1,000 items and 96 px (the cached linear maps they replace take 1.4 GB). So a fit uses
-them only up to `MAX_BYTES` and when there are at most `EXACT_OUTPUTS_LIMIT` outputs
-(K-FAC's per-output seeds); otherwise it keeps the cached linear maps.
+The price is memory: N · Σ_layers min(P (g k + C g o), C g o k) numbers, 2.9 GB in float32
+at 1,000 items and 96 px (3.8 GB with a and d everywhere; the cached linear maps take
+1.4 GB). So a fit uses them only up to `MAX_BYTES` and when there are at most
+`EXACT_OUTPUTS_LIMIT` outputs (K-FAC's per-output seeds); otherwise it keeps the cached
+linear maps.
 """
 
 from __future__ import annotations
@@ -37,17 +41,48 @@ RECORD_BATCH = 64
 
 @dataclass
 class _Layer:
+    """One layer's recorded signals, in whichever of two forms takes less memory."""
+
     weight: str
     bias: str | None
     weight_shape: torch.Size
     # (groups, N, P, k): unfolded inputs with a column of ones for a bias, laid out for
     # one matrix product per group over all items and positions
-    inputs: torch.Tensor
-    grads: torch.Tensor  # (N, C, groups, o, P): output gradients for every output c
+    inputs: torch.Tensor | None
+    grads: torch.Tensor | None  # (N, C, groups, o, P): output gradients for every output c
+    # (N, C, groups * o * k): the explicit Jacobian rows R_ic = Σ_p d_icp a_ipᵀ instead,
+    # for a layer where they are smaller than a and d (a depthwise convolution: 9 weights
+    # per group against 9 positions). Then J v and Jᵀ u are one matrix-vector product
+    # each, over less memory: the products are memory-bound, and the depthwise layers'
+    # batched matrix-vector products over a had been 40 % of H v (docs/method.md).
+    rows: torch.Tensor | None = None
+    groups: int = 1
+    k: int = 0  # inputs per group, with the bias's column of ones
 
     def signals(self, name: str) -> LayerSignals:
-        """The gram.py layout: a (N, g, k, P) (a view), d (N, C, g, o, P)."""
+        """The gram.py layout: a (N, g, k, P) (a view), d (N, C, g, o, P), or the rows."""
+        if self.rows is not None:
+            return LayerSignals(name, None, None, rows=self.rows)
+        assert self.inputs is not None and self.grads is not None
         return LayerSignals(name, self.inputs.permute(1, 0, 3, 2), self.grads)
+
+    def numel(self) -> int:
+        return sum(t.numel() for t in (self.inputs, self.grads, self.rows) if t is not None)
+
+
+def prefers_rows(groups: int, k: int, o: int, positions: int, num_outputs: int) -> bool:
+    """Whether a layer's explicit Jacobian rows take fewer numbers than its signals."""
+    return num_outputs * groups * o * k <= positions * (groups * k + num_outputs * groups * o)
+
+
+def explicit_rows(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """R_ic = Σ_p d_icp a_ipᵀ per group, from a (b, g, k, P) and d (b, C, g, o, P) ->
+    (b, C, g * o * k): one matrix product batched over items and groups."""
+    b, c, g, o, p = d.shape
+    k = a.shape[2]
+    d_rows = d.permute(0, 2, 1, 3, 4).reshape(b, g, c * o, p)
+    rows = torch.matmul(d_rows, a.transpose(-1, -2))  # (b, g, C o, k)
+    return rows.reshape(b, g, c, o, k).permute(0, 2, 1, 3, 4).reshape(b, c, -1)
 
 
 class SignalProducts:
@@ -62,8 +97,7 @@ class SignalProducts:
     def bytes_needed(lin: LinearizedNet, z: torch.Tensor) -> int:
         """The memory the signals of all of z take, from one input's."""
         one = SignalProducts.record(lin, z[:1])
-        per_input = sum(layer.inputs.numel() + layer.grads.numel()
-                        for layer in one._layers.values())
+        per_input = sum(layer.numel() for layer in one._layers.values())
         return per_input * z.shape[0] * z.element_size()
 
     @staticmethod
@@ -93,9 +127,15 @@ class SignalProducts:
                     if name not in layers:
                         layers[name] = _allocate(name, module, n, a, per_output[0][name],
                                                  len(per_output))
-                    layers[name].inputs[:, sl] = a.permute(1, 0, 3, 2)
+                    layer = layers[name]
+                    if layer.rows is not None:
+                        d = torch.stack([g[name].detach() for g in per_output], dim=1)
+                        layer.rows[sl] = explicit_rows(a, d)
+                        continue
+                    assert layer.inputs is not None and layer.grads is not None
+                    layer.inputs[:, sl] = a.permute(1, 0, 3, 2)
                     for c, grads in enumerate(per_output):
-                        layers[name].grads[sl, c] = grads[name].detach()
+                        layer.grads[sl, c] = grads[name].detach()
                 outputs.append(out.detach())
                 if on_batch is not None:
                     on_batch(index + 1, len(all_batches))
@@ -114,6 +154,11 @@ class SignalProducts:
         tensors = self.lin.space.unflatten(v)
         total = torch.zeros_like(self.output0)
         for layer in self._layers.values():
+            if layer.rows is not None:
+                moved = _weight_matrix(tensors, layer, layer.groups)  # (g, o, k)
+                total += torch.matmul(layer.rows, moved.reshape(-1))
+                continue
+            assert layer.inputs is not None and layer.grads is not None
             g, n, p, k = layer.inputs.shape
             moved = _weight_matrix(tensors, layer, g)  # (g, o, k)
             h = torch.matmul(layer.inputs.reshape(g, n * p, k), moved.transpose(1, 2))
@@ -127,11 +172,17 @@ class SignalProducts:
         out: dict[str, torch.Tensor] = {}
         u = u.to(self.output0.dtype)
         for layer in self._layers.values():
-            g, n, p, k = layer.inputs.shape
-            grads = layer.grads.view(n, layer.grads.shape[1], -1)  # (n, C, g o p)
-            t = torch.bmm(u[:, None, :], grads)  # (n, 1, g o p)
-            t = t.view(n, g, -1, p).permute(1, 0, 3, 2).reshape(g, n * p, -1)
-            moved = torch.matmul(t.transpose(1, 2), layer.inputs.reshape(g, n * p, k))
+            if layer.rows is not None:
+                g = layer.groups
+                flat = u.reshape(1, -1) @ layer.rows.reshape(u.numel(), -1)  # Σ_ic u_ic R_ic
+                moved = flat.view(g, -1, layer.k)
+            else:
+                assert layer.inputs is not None and layer.grads is not None
+                g, n, p, k = layer.inputs.shape
+                grads = layer.grads.view(n, layer.grads.shape[1], -1)  # (n, C, g o p)
+                t = torch.bmm(u[:, None, :], grads)  # (n, 1, g o p)
+                t = t.view(n, g, -1, p).permute(1, 0, 3, 2).reshape(g, n * p, -1)
+                moved = torch.matmul(t.transpose(1, 2), layer.inputs.reshape(g, n * p, k))
             if layer.bias is not None:
                 out[layer.bias] = moved[:, :, -1].reshape(-1)
                 moved = moved[:, :, :-1]
@@ -148,8 +199,12 @@ def _allocate(name: str, module: nn.Module, n: int, a: torch.Tensor, d: torch.Te
     bias = prefix + "bias" if getattr(module, "bias", None) is not None else None
     weight = module.weight
     assert isinstance(weight, torch.Tensor)
+    if prefers_rows(g, k, o, p, num_outputs):
+        return _Layer(prefix + "weight", bias, weight.shape, None, None,
+                      rows=d.new_empty(n, num_outputs, g * o * k), groups=g, k=k)
     return _Layer(prefix + "weight", bias, weight.shape,
                   a.new_empty(g, n, p, k), d.new_empty(n, num_outputs, g, o, p))
+
 
 
 def _weight_matrix(tensors: dict[str, torch.Tensor], layer: _Layer, groups: int

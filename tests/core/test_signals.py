@@ -3,6 +3,7 @@ and the fits that use them against the fits on cached linear maps (float64, tiny
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lqf_core import signals
@@ -23,7 +24,24 @@ def _recorded(n: int = 5, batch_size: int = 2) -> tuple[LinearizedNet, torch.Ten
     return lin, z, SignalProducts.record(lin, z, batch_size=batch_size)  # several batches
 
 
-def test_products_equal_the_dense_jacobian():
+@pytest.fixture(params=["smaller", "signals", "rows"])
+def layer_form(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Which form each layer's record takes: the smaller of the two (the tiny net's convs
+    keep rows, its linear head signals), or every layer forced into one of them."""
+    if request.param != "smaller":
+        forced = request.param == "rows"
+        monkeypatch.setattr(signals, "prefers_rows", lambda *_: forced)
+    return str(request.param)
+
+
+def test_the_smaller_form_is_chosen_per_layer():
+    _, _, products = _recorded()
+    forms = {name: layer.rows is not None for name, layer in products._layers.items()}
+    # Two convolutions (one depthwise) on a small map: rows; the linear head: signals.
+    assert forms == {"0": True, "3": True, "8": False}
+
+
+def test_products_equal_the_dense_jacobian(layer_form: str):
     lin, z, products = _recorded()
     jac = lin.jacobian(z)
     generator = torch.Generator().manual_seed(3)
@@ -35,7 +53,7 @@ def test_products_equal_the_dense_jacobian():
     assert torch.allclose(products.output0, lin.output0(z), rtol=1e-12, atol=1e-12)
 
 
-def test_factors_and_gram_equal_those_of_their_own_passes():
+def test_factors_and_gram_equal_those_of_their_own_passes(layer_form: str):
     lin, z, products = _recorded()
     for mine, theirs in zip(products.factors(), compute_kfac_factors(lin, z, batch_size=3),
                             strict=True):
