@@ -297,16 +297,23 @@ def _layer_form(a_hat: torch.Tensor, d_hat: torch.Tensor, inv: torch.Tensor) -> 
 
 def form_via_rows(a_hat: torch.Tensor, d_hat: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
     """Forms the rotated Jacobian rows R_c (n, C, g, o, k) explicitly."""
-    n, c, g, o, p = d_hat.shape
-    k = a_hat.shape[2]
-    # Batched over items and groups with the outputs stacked as rows: no broadcast of
-    # a_hat over the C outputs (which torch would materialise), and no three-operand
-    # einsum (contracted left to right through broadcasts, ten times slower here). On
-    # MobileNetV2's depthwise layers this is 4x faster than a broadcast matmul.
-    d_rows = d_hat.permute(0, 2, 1, 3, 4).reshape(n, g, c * o, p)
-    rows = torch.matmul(d_rows, a_hat.transpose(-1, -2))  # (n, g, C o, k)
-    rows = rows.reshape(n, g, c, o, k).permute(0, 2, 1, 3, 4).reshape(n, c, -1)
+    rows = jacobian_rows(a_hat, d_hat)
     return torch.bmm(rows * inv.reshape(1, 1, -1), rows.transpose(1, 2))
+
+
+def jacobian_rows(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """A layer's Jacobian rows R_ic = Σ_p d_icp a_ipᵀ per group, from its inputs
+    a (n, g, k, P) and output gradients d (n, C, g, o, P) -> (n, C, g * o * k).
+
+    One matmul batched over items and groups, with the outputs stacked as rows: no
+    broadcast of a over the C outputs (which torch would materialise), and no
+    three-operand einsum (contracted left to right through broadcasts, ten times slower
+    here). On MobileNetV2's depthwise layers this is 4x faster than a broadcast matmul."""
+    n, c, g, o, p = d.shape
+    k = a.shape[2]
+    d_rows = d.permute(0, 2, 1, 3, 4).reshape(n, g, c * o, p)
+    rows = torch.matmul(d_rows, a.transpose(-1, -2))  # (n, g, C o, k)
+    return rows.reshape(n, g, c, o, k).permute(0, 2, 1, 3, 4).reshape(n, c, -1)
 
 
 def form_via_positions(a_hat: torch.Tensor, d_hat: torch.Tensor,

@@ -29,7 +29,13 @@ import torch
 from torch import nn
 
 from lqf_core.gram import LayerSignals, covered_parameters
-from lqf_core.kfac import EXACT_OUTPUTS_LIMIT, FactorSums, KroneckerFactors, LayerTaps
+from lqf_core.kfac import (
+    EXACT_OUTPUTS_LIMIT,
+    FactorSums,
+    KroneckerFactors,
+    LayerTaps,
+    jacobian_rows,
+)
 from lqf_core.linearize import LinearizedNet, batches
 
 MAX_BYTES = 6 * 1024**3
@@ -73,16 +79,6 @@ class _Layer:
 def prefers_rows(groups: int, k: int, o: int, positions: int, num_outputs: int) -> bool:
     """Whether a layer's explicit Jacobian rows take fewer numbers than its signals."""
     return num_outputs * groups * o * k <= positions * (groups * k + num_outputs * groups * o)
-
-
-def explicit_rows(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """R_ic = Σ_p d_icp a_ipᵀ per group, from a (b, g, k, P) and d (b, C, g, o, P) ->
-    (b, C, g * o * k): one matrix product batched over items and groups."""
-    b, c, g, o, p = d.shape
-    k = a.shape[2]
-    d_rows = d.permute(0, 2, 1, 3, 4).reshape(b, g, c * o, p)
-    rows = torch.matmul(d_rows, a.transpose(-1, -2))  # (b, g, C o, k)
-    return rows.reshape(b, g, c, o, k).permute(0, 2, 1, 3, 4).reshape(b, c, -1)
 
 
 class SignalProducts:
@@ -130,7 +126,7 @@ class SignalProducts:
                     layer = layers[name]
                     if layer.rows is not None:
                         d = torch.stack([g[name].detach() for g in per_output], dim=1)
-                        layer.rows[sl] = explicit_rows(a, d)
+                        layer.rows[sl] = jacobian_rows(a, d)
                         continue
                     assert layer.inputs is not None and layer.grads is not None
                     layer.inputs[:, sl] = a.permute(1, 0, 3, 2)
@@ -204,7 +200,6 @@ def _allocate(name: str, module: nn.Module, n: int, a: torch.Tensor, d: torch.Te
                       rows=d.new_empty(n, num_outputs, g * o * k), groups=g, k=k)
     return _Layer(prefix + "weight", bias, weight.shape,
                   a.new_empty(g, n, p, k), d.new_empty(n, num_outputs, g, o, p))
-
 
 
 def _weight_matrix(tensors: dict[str, torch.Tensor], layer: _Layer, groups: int
