@@ -50,7 +50,7 @@ def timed(send: Callable[[], httpx.Response]) -> tuple[httpx.Response, float]:
 def repeated(send: Callable[[], httpx.Response], repeats: int = REPEATS) -> dict[str, float]:
     seconds = [timed(send)[1] for _ in range(repeats)]
     return {"median_s": round(statistics.median(seconds), 3), "max_s": round(max(seconds), 3),
-            "repeats": repeats}
+            "repeats": repeats, "seconds": [round(t, 3) for t in seconds]}
 
 
 def main(argv: list[str] | None = None) -> int:
