@@ -47,7 +47,7 @@ def timed(send: Callable[[], httpx.Response]) -> tuple[httpx.Response, float]:
     return response, elapsed
 
 
-def repeated(send: Callable[[], httpx.Response], repeats: int = REPEATS) -> dict[str, float]:
+def repeated(send: Callable[[], httpx.Response], repeats: int = REPEATS) -> dict[str, Any]:
     seconds = [timed(send)[1] for _ in range(repeats)]
     return {"median_s": round(statistics.median(seconds), 3), "max_s": round(max(seconds), 3),
             "repeats": repeats, "seconds": [round(t, 3) for t in seconds]}

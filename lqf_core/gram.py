@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from lqf_core.errors import Cancelled
-from lqf_core.kfac import LayerTaps
+from lqf_core.kfac import LayerTaps, jacobian_rows
 from lqf_core.linearize import LinearizedNet, batches
 
 
@@ -135,8 +135,7 @@ def _add_by_rows(gram: torch.Tensor, layer: LayerSignals) -> None:
         rows = layer.rows.flatten(0, 1)
     else:
         assert layer.inputs is not None and layer.output_grads is not None
-        rows = torch.einsum("ncgop,ngkp->ncgok", layer.output_grads, layer.inputs)
-        rows = rows.flatten(2).flatten(0, 1)
+        rows = jacobian_rows(layer.inputs, layer.output_grads).flatten(0, 1)
     gram.add_(rows @ rows.T)
 
 
