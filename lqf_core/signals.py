@@ -92,9 +92,15 @@ class SignalProducts:
     @staticmethod
     def bytes_needed(lin: LinearizedNet, z: torch.Tensor) -> int:
         """The memory the signals of all of z take, from one input's."""
-        one = SignalProducts.record(lin, z[:1])
-        per_input = sum(layer.numel() for layer in one._layers.values())
-        return per_input * z.shape[0] * z.element_size()
+        return SignalProducts.record(lin, z[:1]).numel() * z.shape[0] * z.element_size()
+
+    def numel(self) -> int:
+        """How many numbers the recorded signals hold."""
+        return sum(layer.numel() for layer in self._layers.values())
+
+    def row_layers(self) -> list[str]:
+        """The layers that keep their explicit Jacobian rows."""
+        return [name for name, layer in self._layers.items() if layer.rows is not None]
 
     @staticmethod
     def fits(lin: LinearizedNet, z: torch.Tensor, num_outputs: int) -> bool:
