@@ -3,7 +3,8 @@
     python -m bench.queries            # 100 shots -> docs/results/queries.{json,md}
     python -m bench.queries --quick    # 20 shots, small test sets -> queries-quick.*
 
-ImageNet MobileNetV2 -> Fashion-MNIST at 64 px, one seed, the library's defaults:
+ImageNet MobileNetV2 -> Fashion-MNIST at 64 px (--image-size), one seed, the library's
+defaults otherwise:
   * mislabel detection: `shots` training images per class, 10 % of their labels flipped
     to another class (seeded). LQF (defaults, 20 % validation split) is trained on the
     noisy set; its training items are ranked by self-influence: cross-fitted (each item's
@@ -91,21 +92,22 @@ def digits_images(n: int) -> np.ndarray:
 
 # --- models ---------------------------------------------------------------------------
 
-def lqf_config(seed: int, **overrides: Any) -> TrainConfig:
+def lqf_config(seed: int, image_size: int, **overrides: Any) -> TrainConfig:
     return TrainConfig.from_dict({"method": "lqf", "backbone": BACKBONE, "seed": seed,
-                                  "image_size": IMAGE_SIZE, "device": "cpu", **overrides})
+                                  "image_size": image_size, "device": "cpu", **overrides})
 
 
 def train_lqf(x: torch.Tensor, y: list[int], seed: int, backbone: Backbone,
               cache: dict | None = None, **overrides: Any) -> TrainedModel:
-    return train_model(x, y, CLASS_NAMES, lqf_config(seed, **overrides), backbone=backbone,
+    config = lqf_config(seed, x.shape[-1], **overrides)  # the size x was prepared at
+    return train_model(x, y, CLASS_NAMES, config, backbone=backbone,
                        prefix_cache=cache)
 
 
 def train_finetune(x: torch.Tensor, y: list[int], seed: int,
                    backbone: Backbone) -> tuple[TrainedModel, dict]:
     """Fine-tuning with its learning rate chosen on the validation split (bench.transfer)."""
-    return run_method("finetune", GRIDS["finetune"], x, y, seed, IMAGE_SIZE, backbone)
+    return run_method("finetune", GRIDS["finetune"], x, y, seed, x.shape[-1], backbone)
 
 
 def posterior_of(model: TrainedModel, backbone: Backbone, cache: dict,
@@ -323,6 +325,8 @@ def calibration_section(x: torch.Tensor, y: np.ndarray, x_test: torch.Tensor,
     results["lqf_uncertainty"] = {
         **calibration(u_test.probabilities.cpu(), y_test),
         "ood_auroc": auroc(u_test.ood_score.cpu(), u_ood.ood_score.cpu()),
+        "ood_auroc_variance_ratio": auroc(u_test.variance_ratio.cpu(),
+                                          u_ood.variance_ratio.cpu()),
         "ood_auroc_max_probability": auroc(1 - u_test.probabilities.max(1).values.cpu(),
                                            1 - u_ood.probabilities.max(1).values.cpu()),
         "seconds_per_image": u_s / len(z_test),
@@ -446,7 +450,8 @@ def markdown(result: dict[str, Any]) -> str:
                   "| ranking | precision of the top 10 % | AUROC |", "|---|---|---|",
                   f"| lqf_exact_loo | {m['precision_at_noise_rate']:.3f} | {m['auroc']:.3f} |"]
     lines += ["", f"## Calibration on {result['sizes']['test']} test images, OOD vs "
-              f"{result['sizes']['ood']} digits", "",
+              f"{result['sizes']['ood']} digits ({result['sizes'].get('image_size', 64)} px)",
+              "",
               "| model | accuracy | ECE | NLL | OOD AUROC |", "|---|---|---|---|---|"]
     for name, m in cal["models"].items():
         if "note" in m:
@@ -455,6 +460,11 @@ def markdown(result: dict[str, Any]) -> str:
         ood = f"{m['ood_auroc']:.3f}" if "ood_auroc" in m else ""
         lines.append(f"| {name} | {m['accuracy']:.3f} | {m['ece']:.4f} | {m['nll']:.3f} | "
                      f"{ood} |")
+    lqf = cal["models"].get("lqf_uncertainty", {})
+    if "ood_auroc_variance_ratio" in lqf:
+        lines += ["", "LQF's OOD AUROC by each score: ood_score (the entropy) "
+                  f"{lqf['ood_auroc']:.3f}, variance_ratio {lqf['ood_auroc_variance_ratio']:.3f},"
+                  f" 1 - max probability {lqf['ood_auroc_max_probability']:.3f}."]
     inf = cost["influence"]
     lines += ["", f"## Cost (N = {inf['num_train']} training items)", "",
               f"- full LQF training: {cost['full_training_seconds']:.1f} s "
@@ -491,6 +501,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--noise", type=float, default=0.1, help="fraction of labels flipped")
     parser.add_argument("--test-size", type=int)
     parser.add_argument("--ood-size", type=int)
+    parser.add_argument("--image-size", type=int, default=IMAGE_SIZE,
+                        help="input size of every model (default 64 px, the protocol of the "
+                             "committed results; a default job on these 28 px images gets "
+                             "96 px, lqf_core.backbones.InputSizes)"),
     parser.add_argument("--no-kronfluence", dest="kronfluence", action="store_false")
     parser.add_argument("--no-finetune", dest="finetune", action="store_false",
                         help="mislabel: LQF's rankings only (no fine-tuning, no kronfluence)")
@@ -514,11 +528,12 @@ def main(argv: list[str] | None = None) -> None:
     x_pool, y_pool = load_split("train")
     x_t10k, y_t10k = load_split("t10k")
     idx = few_shot_indices(y_pool, args.shots, args.seed)
-    x = to_tensor(x_pool[idx], IMAGE_SIZE, backbone.mean, backbone.std)
+    size = args.image_size
+    x = to_tensor(x_pool[idx], size, backbone.mean, backbone.std)
     y = y_pool[idx]
-    x_test = to_tensor(x_t10k[: args.test_size], IMAGE_SIZE, backbone.mean, backbone.std)
+    x_test = to_tensor(x_t10k[: args.test_size], size, backbone.mean, backbone.std)
     y_test = torch.from_numpy(y_t10k[: args.test_size])
-    x_ood = to_tensor(digits_images(args.ood_size), IMAGE_SIZE, backbone.mean, backbone.std)
+    x_ood = to_tensor(digits_images(args.ood_size), size, backbone.mean, backbone.std)
     run = {"command": "python -m bench.queries " + shlex.join(sys.argv[1:] if argv is None
                                                               else argv),
            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -530,7 +545,7 @@ def main(argv: list[str] | None = None) -> None:
         **{k: previous[k] for k in SECTIONS + OPTIONAL_SECTIONS if k in previous},
         "machine": machine_info(),  # of the latest run; each section's run has its own
         "sizes": {"shots": args.shots, "train": len(y), "test": len(y_test),
-                  "ood": len(x_ood)},
+                  "ood": len(x_ood), "image_size": size},
         "seed": args.seed,
     }
     sections = {

@@ -26,6 +26,7 @@ so (a service's deadline), leaving the posterior's caches as they were.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -67,7 +68,8 @@ class Uncertainty:
     mean: torch.Tensor  # (m, C) outputs f_lin
     covariance: torch.Tensor  # (m, C, C)
     probabilities: torch.Tensor  # (m, C), uncertainty-aware and temperature-scaled
-    ood_score: torch.Tensor  # (m,)
+    ood_score: torch.Tensor  # (m,) their entropy over log C, in [0, 1]
+    variance_ratio: torch.Tensor  # (m,) covariance trace over the median training item's
 
 
 class LQFPosterior:
@@ -223,8 +225,15 @@ class LQFPosterior:
 
         Output covariance (sigma^2 / N) J_* H^-1 J_*^T; class probabilities by the probit
         approximation softmax(mu_c / sqrt(1 + pi/8 var_c) / T) with the model's fitted
-        temperature T; ood_score = trace of the covariance relative to the median over
-        (up to 32) training items -- about 1 in distribution, larger outside.
+        temperature T; ood_score = the entropy of those probabilities over log C (0: one
+        class certain, 1: uniform); variance_ratio = the covariance's trace relative to the
+        median over (up to 32) training items, about 1 in distribution.
+
+        Why two scores (docs/method.md, "The OOD score"): on images like the training
+        ones but of other classes (Fashion-MNIST against digits, dev data) the entropy
+        told them apart far better (AUROC 0.91-0.98 against 0.78-0.79 at 96 px). Far
+        outside the data, a ReLU network's probit confidence tends to a constant while
+        its variance keeps growing: there the variance ratio is the signal.
         """
         predictive_covariance_scale = self.noise_variance() / self.n
         cov = self.predictive_covariance(z, exact) * predictive_covariance_scale
@@ -232,13 +241,15 @@ class LQFPosterior:
         var = torch.diagonal(cov, dim1=1, dim2=2).clamp_min(0)
         scaled = mean / torch.sqrt(1 + torch.pi / 8 * var) / self.model.temperature
         probs = torch.softmax(scaled.double(), dim=1)
+        entropy = -(probs * probs.clamp_min(1e-300).log()).sum(1)
+        ood = (entropy / math.log(max(self.num_classes, 2))).clamp(0, 1)
         reference = self.reference_trace(exact)
-        ood = torch.diagonal(cov, dim1=1, dim2=2).sum(1) / max(reference, 1e-30)
-        return Uncertainty(mean, cov, probs, ood)
+        ratio = torch.diagonal(cov, dim1=1, dim2=2).sum(1) / max(reference, 1e-30)
+        return Uncertainty(mean, cov, probs, ood, ratio)
 
     def reference_trace(self, exact: bool = False) -> float:
         """The median predictive variance (trace) over up to 32 training items: what
-        ood_score is relative to. Computed once."""
+        variance_ratio is relative to. Computed once."""
         if self._reference_trace is None:
             sample = self.problem.z[: min(32, self.n)]
             traces = torch.diagonal(self.predictive_covariance(sample, exact), dim1=1, dim2=2)

@@ -93,6 +93,17 @@ class InferenceProcess:
             raise payload
         return payload  # type: ignore[no-any-return]
 
+    def warm(self, directory: Path, version: str) -> None:
+        """Have the child load the model and run it once, before its first batch (best
+        effort: a failure here shows again, properly, on the first real batch)."""
+        with self._lock:
+            try:
+                conn = self._ensure_started()
+                conn.send(("warm", str(directory), version))
+                conn.recv()
+            except (EOFError, OSError):
+                self._stop_child()
+
     def evict(self, directory: Path) -> None:
         """Drop a deleted model from the child's cache (best effort)."""
         with self._lock:
@@ -153,6 +164,14 @@ class InferencePool:
         finally:
             self._free.put(process)
 
+    def warm(self, directory: Path, version: str) -> None:
+        """Load the model in every process, in the background: the first batch then
+        skips the load and the first passes' set-up (about 1.5 s of a first 64-image
+        /predict on two cores, docs/benchmarks.md)."""
+        for process in self.processes:
+            threading.Thread(target=process.warm, args=(directory, version),
+                             name="lqf-inference-warm", daemon=True).start()
+
     def evict(self, directory: Path) -> None:
         for process in self.processes:
             process.evict(directory)
@@ -178,9 +197,19 @@ def pool_shape(processes: int, torch_threads: int, device: str) -> tuple[int, in
 MAX_AUTO_PROCESSES = 4
 
 
+def warm_up(predictor: Predictor) -> None:
+    """Two passes on a small batch: the first calls of a loaded model are 2-3x slower
+    than the later ones (allocations, kernel selection)."""
+    size = predictor.model.config.input_size
+    x = torch.zeros(2, 3, size, size)
+    for _ in range(2):
+        predictor.predict_batch(x)
+
+
 def serve(conn: Connection, device: str, weights_dirs: list[str], cache_size: int,
           torch_threads: int) -> None:
-    """The child's loop: answer ("predict", dir, version, x) until ("stop",) or EOF."""
+    """The child's loop: answer ("predict", dir, version, x) and ("warm", dir, version)
+    until ("stop",) or EOF."""
     if torch_threads > 0:
         torch.set_num_threads(torch_threads)
 
@@ -196,7 +225,7 @@ def serve(conn: Connection, device: str, weights_dirs: list[str], cache_size: in
             for key in [k for k in models if k[0] == message[1]]:
                 del models[key]
             continue
-        _, directory, version, x = message
+        kind, directory, version, *rest = message
         try:
             key = (directory, version)
             predictor = models.get(key)
@@ -206,7 +235,11 @@ def serve(conn: Connection, device: str, weights_dirs: list[str], cache_size: in
                 while len(models) > cache_size:
                     models.popitem(last=False)
             models.move_to_end(key)
-            reply: tuple[str, Any] = ("ok", predictor.predict_batch(torch.from_numpy(x)))
+            if kind == "warm":
+                warm_up(predictor)
+                reply: tuple[str, Any] = ("ok", None)
+            else:
+                reply = ("ok", predictor.predict_batch(torch.from_numpy(rest[0])))
         except Exception as exc:  # the API turns it into the request's error
             reply = ("error", exc)
         try:

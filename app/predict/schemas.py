@@ -27,7 +27,13 @@ class PredictionUncertainty(BaseModel):
     probabilities: dict[str, float] = Field(
         description="class probabilities that account for the posterior's output variance")
     variance: dict[str, float] = Field(description="posterior variance of each class output")
-    ood_score: float = Field(description="about 1 in distribution, larger outside")
+    ood_score: float = Field(
+        description="entropy of the probabilities with the posterior over log(classes): "
+                    "0 = one class certain, 1 = uniform; high for images unlike the "
+                    "training ones (docs/method.md, 'The OOD score')")
+    variance_ratio: float = Field(
+        description="trace of the output covariance over the median training item's: "
+                    "about 1 in distribution; grows without bound far from the data")
     solver: str = Field(description="'cg' (exact solves) or 'kfac' (approximation)")
 
 

@@ -69,6 +69,7 @@ class PredictorCache:
             predict = functools.partial(self.inference.predict, directory,
                                         predictor.model_version or version)
             concurrency = self.inference.size
+            self.inference.warm(directory, predictor.model_version or version)
         batcher = MicroBatcher(predict, self.executor, self.settings.predict_max_batch,
                                self.settings.predict_max_wait_ms / 1000, concurrency)
         return Loaded(predictor, batcher, predictor.model_version or version, directory)

@@ -88,13 +88,15 @@ class PosteriorEntry:
             u = self.posterior.uncertainty(self.features(x, deadline), exact=self.exact)
         names = self.class_names
         out = []
-        for probs, cov, ood in zip(u.probabilities.cpu(), u.covariance.cpu(),
-                                   u.ood_score.cpu(), strict=True):
+        for probs, cov, ood, ratio in zip(u.probabilities.cpu(), u.covariance.cpu(),
+                                          u.ood_score.cpu(), u.variance_ratio.cpu(),
+                                          strict=True):
             var = torch.diagonal(cov).clamp_min(0)
             out.append({
                 "probabilities": {n: float(p) for n, p in zip(names, probs, strict=True)},
                 "variance": {n: float(v) for n, v in zip(names, var, strict=True)},
                 "ood_score": float(ood),
+                "variance_ratio": float(ratio),
                 "solver": self.solver,
             })
         return out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -198,7 +200,12 @@ def test_uncertainty_grows_away_from_the_data(trained, backbone, data):
     near = post.uncertainty(z_in, exact=False)
     far = post.uncertainty(z_far, exact=False)
     torch.testing.assert_close(near.probabilities.sum(1), torch.ones(4, dtype=torch.float64))
-    assert float(far.ood_score.min()) > float(near.ood_score.max())
+    assert float(far.variance_ratio.min()) > float(near.variance_ratio.max())
+    # ood_score is the entropy of the probabilities over log C.
+    probs = near.probabilities
+    entropy = -(probs * probs.log()).sum(1) / math.log(probs.shape[1])
+    torch.testing.assert_close(near.ood_score, entropy)
+    assert bool(((near.ood_score >= 0) & (near.ood_score <= 1)).all())
     torch.testing.assert_close(near.mean, post.outputs(z_in))
 
 

@@ -302,7 +302,8 @@ def test_try_it_shows_the_supporting_training_images(tab: Tab, lqf_model: dict[s
         time.sleep(1)  # the posterior was still being built
     assert page.locator("#try-result .big").inner_text() in lqf_model["classes"]
     assert page.locator("#proponents img").count() > 0
-    assert float(page.locator("#ood-score").inner_text()) > 0
+    assert 0 <= float(page.locator("#ood-score").inner_text()) <= 1
+    assert float(page.locator("#variance-ratio").inner_text()) > 0
     page.locator("#opponents").scroll_into_view_if_needed()
     page.wait_for_function("() => [...document.querySelectorAll('#proponents img, "
                            "#opponents img')].every(i => i.complete && i.naturalWidth > 0)",

@@ -4,6 +4,7 @@ survive being killed."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 from concurrent.futures import ThreadPoolExecutor
 
@@ -113,3 +114,13 @@ def test_pool_shape_defaults():
     assert processes == min(cores, 4) and threads == max(1, cores // processes)
     assert pool_shape(0, 0, "cuda") == (1, cores)
     assert pool_shape(3, 2, "cpu") == (3, 2)
+
+
+def test_warm_loads_the_model_before_its_first_batch(tmp_path, saved_model, inference):
+    directory, version, predictor, x = saved_model
+    inference.warm(tmp_path / "no-such-model", version)  # a failed warm-up changes nothing
+    copy = tmp_path / "copy"
+    shutil.copytree(directory, copy)
+    inference.warm(copy, version)
+    shutil.rmtree(copy)  # only a model loaded by the warm-up can answer now
+    assert np.array_equal(inference.predict(copy, version, x), predictor.predict_batch(x))
