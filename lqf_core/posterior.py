@@ -1,7 +1,8 @@
 """What the linear-quadratic model answers in closed form (docs/method.md).
 
 For a trained LQF model the loss is an exact quadratic with constant Hessian
-H = J^T J / N + lambda I, so:
+H = J^T J / N + R, R = lambda I (isotropic regularizer) or mu (K + lambda I) (the
+default "kfac" one, K the K-FAC curvature fixed at training; written lambda I below), so:
 
 * posterior: with a Gaussian likelihood the Laplace approximation is exact,
   dw ~ N(dw*, (sigma^2 / N) H^-1); the predictive covariance of a test image's outputs
