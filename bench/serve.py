@@ -383,9 +383,15 @@ def machine() -> dict[str, Any]:
 
 
 def git_commit() -> str:
+    """HEAD's short hash, with "+changes" when tracked files differ from it (a result of
+    uncommitted code must not read as the commit's)."""
     with contextlib.suppress(OSError, subprocess.CalledProcessError):
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                              capture_output=True, check=True).stdout.strip()
+        def git(*args: str) -> str:
+            return subprocess.run(["git", *args], cwd=ROOT, text=True, capture_output=True,
+                                  check=True).stdout.strip()
+
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        return git("rev-parse", "--short", "HEAD") + ("+changes" if dirty else "")
     return ""
 
 
