@@ -1,8 +1,11 @@
 """Save and load a TrainedModel: `model.safetensors` (tensors) + `model.json` (metadata).
 
 The JSON carries the backbone, class names, config, metrics, provenance, library
-versions and a SHA-256 content hash of the tensors file; loading checks the format
-version and the hash so that a truncated or edited artifact fails loudly.
+versions, a SHA-256 content hash of the tensors file and the model version: a hash of
+the tensors' hash and of everything else that decides an answer (method, backbone,
+classes, config, temperature). Loading checks the format version and both hashes, so a
+truncated or edited artifact fails loudly, and two models answer alike exactly when
+their versions are equal.
 """
 
 from __future__ import annotations
@@ -36,8 +39,20 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _model_version(content_hash: str, metadata: dict) -> str:
+    """The served model's identity: its tensors and every field that changes an answer.
+
+    The tensors alone are not enough: a refit temperature changes every probability.
+    """
+    served = {key: metadata[key] for key in ("method", "backbone", "class_names", "config",
+                                              "temperature")}
+    served["content_hash"] = content_hash
+    canonical = json.dumps(served, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
 def save_model(model: TrainedModel, directory: str | Path) -> str:
-    """Write the artifact into `directory` (created) and return its content hash.
+    """Write the artifact into `directory` (created) and return its model version.
 
     Both files are written to temporary names and renamed, so a crash never leaves a
     half-written model behind under the final names.
@@ -63,12 +78,20 @@ def save_model(model: TrainedModel, directory: str | Path) -> str:
                      "safetensors": safetensors.__version__},
         "content_hash": content_hash,
     }
+    # Through JSON first, so the version hashes exactly what a reader will see.
+    metadata = json.loads(json.dumps(metadata, default=str))
+    metadata["model_version"] = _model_version(content_hash, metadata)
     fd, tmp_meta = tempfile.mkstemp(dir=directory, suffix=".json.tmp")
     with os.fdopen(fd, "w") as handle:
         json.dump(metadata, handle, indent=2, default=str)
     os.replace(tmp_tensors, directory / TENSORS_FILE)
     os.replace(tmp_meta, directory / METADATA_FILE)
-    return content_hash
+    return metadata["model_version"]
+
+
+def model_version(metadata: dict) -> str:
+    """The version of a saved model (its tensors' hash for models saved before versions)."""
+    return metadata.get("model_version") or metadata["content_hash"]
 
 
 def read_metadata(directory: str | Path) -> dict:
@@ -111,6 +134,15 @@ def load_model(directory: str | Path) -> TrainedModel:
             f"{tensors_path}: content hash {actual[:12]} does not match the metadata's "
             f"{str(metadata.get('content_hash'))[:12]}; the artifact is corrupt or was edited"
         )
+    if "model_version" in metadata:
+        try:
+            expected = _model_version(actual, metadata)
+        except KeyError as exc:
+            raise IncompatibleModelError(f"{directory}: metadata lacks {exc}") from None
+        if expected != metadata["model_version"]:
+            raise IncompatibleModelError(
+                f"{directory / METADATA_FILE}: its fields do not match its model version "
+                f"{str(metadata['model_version'])[:12]}; the metadata was edited")
     try:
         config = TrainConfig.from_dict({**FIELDS_BEFORE_THEY_WERE_SAVED, **metadata["config"]})
         method = Method(metadata["method"])

@@ -243,7 +243,7 @@ class LQFPosterior:
         scaled = mean / torch.sqrt(1 + torch.pi / 8 * var) / self.model.temperature
         probs = torch.softmax(scaled.double(), dim=1)
         entropy = -(probs * probs.clamp_min(1e-300).log()).sum(1)
-        ood = (entropy / math.log(max(self.num_classes, 2))).clamp(0, 1)
+        ood = (entropy / math.log(max(self.num_classes, 2))).clamp(0, 1) + 0.0  # no -0
         reference = self.reference_trace(exact)
         ratio = torch.diagonal(cov, dim1=1, dim2=2).sum(1) / max(reference, 1e-30)
         return Uncertainty(mean, cov, probs, ood, ratio)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lqf_core.artifacts import load_model, read_metadata
+from lqf_core.artifacts import load_model, model_version, read_metadata
 from lqf_core.backbones import Backbone, WeightsDirs, load_backbone
 from lqf_core.classifier import build_classifier
 from lqf_core.data import ImageSource, open_image
@@ -39,7 +39,7 @@ class Predictor:
     @classmethod
     def load(cls, directory: str | Path, device: str = "auto",
              weights_dir: WeightsDirs = None) -> Predictor:
-        version = read_metadata(directory)["content_hash"]
+        version = model_version(read_metadata(directory))
         return cls(load_model(directory), device, weights_dir, model_version=version)
 
     @property

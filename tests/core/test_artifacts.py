@@ -26,9 +26,9 @@ def test_save_load_predict_is_bit_identical(tmp_path, data, method):
     images, labels, names = data
     model = train_model(images, labels, names, TrainConfig.from_dict({**FAST, "method": method}))
     fresh = Predictor(model, device="cpu")
-    content_hash = save_model(model, tmp_path / "m")
+    version = save_model(model, tmp_path / "m")
     loaded = Predictor.load(tmp_path / "m", device="cpu")
-    assert loaded.model_version == content_hash
+    assert loaded.model_version == version
     assert loaded.class_names == names
     x = torch.stack([fresh.preprocess(im) for im in images])
     assert np.array_equal(fresh.predict_batch(x), loaded.predict_batch(x))
@@ -52,8 +52,9 @@ def test_loaded_metadata_round_trips(tmp_path, data):
     # the solver settings it ran with are recorded, not left to a later default
     assert (meta["config"]["regularizer"], meta["config"]["tol"]) == ("kfac", 1e-4)
     assert model.info["solver_converged"]
-    # a model saved before the regularizer was recorded was fitted on the isotropic ridge
-    del meta["config"]["regularizer"]
+    # a model saved before the regularizer (and the model version) was recorded was
+    # fitted on the isotropic ridge
+    del meta["config"]["regularizer"], meta["model_version"]
     (tmp_path / "model.json").write_text(json.dumps(meta))
     assert load_model(tmp_path).config.regularizer == "isotropic"
 
@@ -74,6 +75,22 @@ def test_corrupt_or_foreign_artifacts_fail_clearly(tmp_path, data):
         load_model(tmp_path)
     with pytest.raises(IncompatibleModelError, match="not a saved model"):
         load_model(tmp_path / "missing")
+
+
+def test_the_version_names_what_is_served_not_only_the_tensors(tmp_path, data):
+    images, labels, names = data
+    model = train_model(images, labels, names, TrainConfig.from_dict(FAST))
+    first = save_model(model, tmp_path / "a")
+    assert save_model(model, tmp_path / "b") == first  # same model, same version
+    model.temperature *= 2  # same tensors, other probabilities
+    assert save_model(model, tmp_path / "c") != first
+    assert Predictor.load(tmp_path / "c", device="cpu").model_version != first
+    # an edited temperature no longer matches the version it was saved under
+    meta = json.loads((tmp_path / "a" / "model.json").read_text())
+    meta["temperature"] = 0.5
+    (tmp_path / "a" / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(IncompatibleModelError, match="metadata was edited"):
+        load_model(tmp_path / "a")
 
 
 @pytest.mark.parametrize("method", ["lqf", "finetune"])

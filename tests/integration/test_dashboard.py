@@ -312,9 +312,11 @@ def test_try_it_shows_the_supporting_training_images(tab: Tab, lqf_model: dict[s
     assert tab.errors == []
 
 
-def test_forget_from_review_makes_a_new_version(tab: Tab, alice: httpx.Client,
+def test_forget_from_review_makes_a_new_version(browser_setup: tuple[Any, str], tab: Tab,
+                                                alice: httpx.Client,
                                                 shapes_dataset: dict[str, Any],
                                                 shots: Path) -> None:
+    _, axe_source = browser_setup
     name = "dashboard-review"
     job = submit(alice, shapes_dataset["id"], method="lqf", model_name=name)
     done = wait_job(alice, job["id"], FINAL)
@@ -340,6 +342,10 @@ def test_forget_from_review_makes_a_new_version(tab: Tab, alice: httpx.Client,
     assert page.locator(f"text=#{item}").count() >= 1  # among the forgotten items
     versions = alice.get(f"/names/{name}").json()["versions"]
     assert [v["version"] for v in versions] == [1, 2]
+    # The dataset page marks the forgotten item, still readable (contrast) and accessible.
+    page.goto(f"/ui/datasets/{shapes_dataset['id']}")
+    assert page.locator("li.thumb.excluded", has_text=f"#{item}").count() == 1
+    assert serious_violations(page, axe_source) == []
     assert tab.errors == []
 
 

@@ -27,6 +27,11 @@ def test_lqf_job_succeeds_and_predicts_above_chance(alice, lqf_model, shapes_dat
     assert lqf_model["method"] == "lqf"
     assert lqf_model["dataset_id"] == shapes_dataset["id"]
     assert sorted(lqf_model["classes"]) == sorted(CLASSES)
+    # The record shows what trained the model, every default resolved.
+    hyper = lqf_model["hyperparameters"]
+    assert hyper["image_size"] == FAST_TINY["image_size"] and hyper["val_fraction"] == 0.2
+    assert isinstance(hyper["suffix_blocks"], int) and hyper["regularizer"] == "kfac"
+    assert hyper["tol"] is not None and hyper["max_iters"] is not None
     job = alice.get(f"/jobs/{lqf_model['job_id']}").json()
     assert job["status"] == "succeeded" and job["model_id"] == lqf_model["id"]
     assert job["progress"]["fraction"] == 1.0 and job["error"] is None

@@ -94,7 +94,9 @@ def _store_model(artifacts: ArtifactStore, job: dict[str, Any], config: TrainCon
             "backbone": config.backbone,
             "classes": list(model.class_names),
             "metrics": {k: float(v) for k, v in model.metrics.items()},
-            "hyperparameters": config.to_dict(),
+            # What trained it: the job's settings with every default resolved (image size,
+            # regularizer, solver budget, ...), so a client can see what it got.
+            "hyperparameters": model.config.to_dict(),
             "model_version": version,
             "created_at": utc_now(),
             "parent_id": model.info.get("parent_id"),
