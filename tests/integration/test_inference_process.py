@@ -45,7 +45,11 @@ def test_child_predicts_exactly_what_the_model_does_in_process(saved_model, infe
     directory, version, predictor, x = saved_model
     expected = predictor.predict_batch(x)
     assert np.array_equal(inference.predict(directory, version, x), expected)
-    assert np.array_equal(inference.predict(directory, version, x[:1]), expected[:1])
+    alone = inference.predict(directory, version, x[:1])
+    assert np.array_equal(alone, predictor.predict_batch(x[:1]))
+    # A batch of one takes other float32 kernels than a batch of six: the same answer up to
+    # rounding, not bit for bit (a CI run saw 0.97242078 against 0.97242079).
+    np.testing.assert_allclose(alone, expected[:1], rtol=0, atol=1e-6)
 
 
 def test_a_killed_child_fails_one_batch_with_503_and_is_replaced(saved_model, inference):
