@@ -35,6 +35,12 @@ class TrainedModel:
     metrics: dict[str, float] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # In the layout a saved artifact loads with: a transposed view (the ridge solve's
+        # head) takes another matmul kernel and would answer differently in the last bit
+        # from the model that is served.
+        self.tensors = {name: t.detach().cpu().contiguous() for name, t in self.tensors.items()}
+
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
