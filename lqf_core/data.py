@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from lqf_core.errors import InvalidDataError
 
@@ -52,8 +52,35 @@ def open_image(source: ImageSource, name: str | None = None) -> Image.Image:
         raise InvalidDataError(f"{label}: not a readable image ({exc})") from None
 
 
+# EXIF orientations that ask for a transpose (1 is upright).
+_EXIF_ORIENTATION = 0x0112
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
 def _rgb_or_gray(image: Image.Image) -> Image.Image:
-    return image if image.mode in ("RGB", "L") else image.convert("RGB")
+    """The image as a person looking at it sees it, in RGB or 8-bit grayscale.
+
+    - upright: a phone's portrait JPEG carries its rotation in EXIF, and a viewer (and
+      Label Studio, and the dashboard) applies it; unapplied, the model would learn and
+      predict the picture on its side;
+    - transparent parts over white: dropping alpha would show whatever colour the hidden
+      pixels happen to hold (often black, sometimes not), so two files that look the same
+      would give different inputs;
+    - 16-bit levels scaled to 8 bits (v / 257): Pillow's own conversion clips them at 255,
+      which turns all but the darkest 1/256 of a 16-bit image white.
+    """
+    if image.getexif().get(_EXIF_ORIENTATION, 1) in range(2, 9):
+        image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGB", "L"):
+        return image
+    if image.mode in _SIXTEEN_BIT_MODES:
+        levels = np.asarray(image).astype(np.float64)
+        return Image.fromarray(np.round(np.clip(levels, 0, 65535) / 257).astype(np.uint8), "L")
+    if image.mode in _ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
 
 
 def scan_image_folder(root: str | Path) -> tuple[list[Path], list[int], list[str]]:

@@ -33,3 +33,59 @@ def test_preprocess_equals_the_textbook_pipeline_bit_for_bit(mode):
     out = preprocess(decoded)
     assert out.dtype == torch.float32 and out.shape == (3, 29, 29) and out.is_contiguous()
     assert torch.equal(out, reference(decoded, 29))
+
+
+def _encoded(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=fmt, **options)
+    return out.getvalue()
+
+
+def _halves(width: int, height: int) -> Image.Image:
+    """Left half red, right half blue: which way up it is shows in every pixel."""
+    pixels = np.zeros((height, width, 3), dtype=np.uint8)
+    pixels[:, : width // 2, 0] = 255
+    pixels[:, width // 2:, 2] = 255
+    return Image.fromarray(pixels)
+
+
+def test_exif_orientation_is_applied_as_a_viewer_shows_it():
+    stored = _halves(40, 20)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display": a phone held upright
+    upright = stored.transpose(Image.Transpose.ROTATE_270)
+    decoded = open_image(_encoded(stored, exif=exif))
+    assert decoded.size == (20, 40)
+    assert np.array_equal(np.asarray(decoded), np.asarray(upright))
+    as_jpeg = open_image(_encoded(stored, "JPEG", exif=exif, quality=95))
+    assert as_jpeg.size == (20, 40)
+    assert np.abs(np.asarray(as_jpeg, dtype=int) - np.asarray(upright, dtype=int)).mean() < 4
+    assert open_image(_encoded(stored)).size == (40, 20)  # no tag: as stored
+
+
+def test_sixteen_bit_levels_are_scaled_not_clipped():
+    levels = np.linspace(0, 65535, 64 * 32).reshape(32, 64).astype(np.uint16)
+    decoded = open_image(_encoded(Image.fromarray(levels)))
+    assert decoded.mode == "L"
+    expected = np.round(levels / 257).astype(np.uint8)
+    assert np.array_equal(np.asarray(decoded), expected)
+    assert np.median(np.asarray(decoded)) == pytest.approx(127.5, abs=1)  # clipping: 255
+
+
+def test_transparent_parts_are_white_whatever_colour_they_hide():
+    def sticker(hidden: tuple[int, int, int]) -> Image.Image:
+        image = Image.new("RGBA", (8, 8), (*hidden, 0))
+        image.paste((200, 0, 0, 255), (2, 2, 6, 6))
+        image.putpixel((0, 7), (255, 0, 0, 128))  # half-transparent red
+        return image
+
+    black, green = (open_image(_encoded(sticker(c))) for c in ((0, 0, 0), (0, 255, 0)))
+    assert np.array_equal(np.asarray(black), np.asarray(green))
+    pixels = np.asarray(black)
+    assert tuple(pixels[0, 0]) == (255, 255, 255) and tuple(pixels[3, 3]) == (200, 0, 0)
+    assert tuple(pixels[7, 0]) == pytest.approx((255, 127, 127), abs=1)
+    palette = sticker((0, 0, 0)).convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE)
+    transparent = palette.getpixel((0, 0))
+    decoded = open_image(_encoded(palette, transparency=transparent))
+    assert tuple(np.asarray(decoded)[0, 0]) == (255, 255, 255)
+    assert tuple(np.asarray(decoded)[3, 3]) == (200, 0, 0)
