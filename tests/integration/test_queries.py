@@ -281,6 +281,9 @@ def test_query_errors(alice, bob, noisy, service):
         assert "code" in r.json() and "Traceback" not in r.text
     r = alice.post(f"/models/{model_id}/forget", json={"item_ids": [0, 99999]})
     assert "99999" in r.text and "'0'" not in r.json()["detail"]
+    # /predict's field name on /influence: the answer says which field to use
+    r = alice.post(f"/models/{model_id}/influence", files={"files": ("a.png", png(5))})
+    assert r.status_code == 422 and "'file', not 'files'" in r.json()["detail"]
 
 
 def test_queries_refuse_other_methods(alice, shapes_dataset):
