@@ -30,7 +30,8 @@ def create_dataset(
     check_upload(file, settings.max_upload_bytes)
     default_name = (file.filename or "dataset").rsplit("/", 1)[-1].removesuffix(".zip")
     meta, ignored = service.create(store, settings, tenant, file.file, name or default_name)
-    return DatasetCreated.model_validate({**meta, "ignored_files": ignored})
+    return DatasetCreated.model_validate({**meta, "ignored_files": ignored,
+                                          "warnings": service.class_warnings(meta["classes"])})
 
 
 class LabelStudioImport(BaseModel):
@@ -86,7 +87,8 @@ def add_items(
     return ItemsAdded(dataset=DatasetPublic.model_validate(meta),
                       added=[ItemPublic(id=a.id, label=a.label, filename=a.filename)
                              for a in added],
-                      ignored_files=ignored)
+                      ignored_files=ignored,
+                      warnings=service.class_warnings(meta["classes"]))
 
 
 @router.get("/{dataset_id}/source")

@@ -16,6 +16,9 @@ class DatasetPublic(BaseModel):
 class DatasetCreated(DatasetPublic):
     # Files in the archive that are neither images nor labels.csv, left out.
     ignored_files: list[str] = []
+    # What looks like a mistake but was stored as given (class names that differ only
+    # in letter case).
+    warnings: list[str] = []
 
 
 class ItemPublic(BaseModel):
@@ -30,3 +33,4 @@ class ItemsAdded(BaseModel):
     dataset: DatasetPublic
     added: list[ItemPublic]
     ignored_files: list[str] = []
+    warnings: list[str] = []

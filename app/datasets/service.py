@@ -21,6 +21,17 @@ def _limits(settings: Settings) -> Limits:
     return Limits(settings.max_archive_files, settings.max_uncompressed_bytes)
 
 
+def class_warnings(classes: list[str]) -> list[str]:
+    """Class names that differ only in letter case: most likely one class typed two ways
+    (labels are kept as given, so they train as separate classes)."""
+    spellings: dict[str, list[str]] = {}
+    for name in classes:
+        spellings.setdefault(name.casefold(), []).append(name)
+    return [f"classes {' and '.join(repr(n) for n in sorted(names))} differ only in letter "
+            f"case and are kept as {len(names)} classes; rename them to one if they are one"
+            for names in spellings.values() if len(names) > 1]
+
+
 def get_meta(store: ArtifactStore, tenant: str, dataset_id: str) -> DatasetSummary:
     meta = store.tenant_dataset(tenant, dataset_id)
     if meta is None:

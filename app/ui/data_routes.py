@@ -66,7 +66,7 @@ def dataset_detail(request: Request, dataset_id: str, session: UiSession, store:
     pages = max(1, -(-total // ITEMS_PER_PAGE))
     return render(request, "dataset.html", {
         "dataset": meta, "items": items, "total": total, "page": page, "pages": pages,
-        "methods": [m.value for m in Method],
+        "methods": [m.value for m in Method], "warnings": datasets.class_warnings(meta["classes"]),
     }, session=session)
 
 

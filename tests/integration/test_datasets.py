@@ -5,10 +5,11 @@ from __future__ import annotations
 import io
 import zipfile
 
+import httpx
 import pytest
 
 from .datagen import bomb_png, csv_zip, folder_zip, make_samples, zip_of
-from .helpers import upload
+from .helpers import ui_sign_in, upload
 
 pytestmark = pytest.mark.integration
 
@@ -54,6 +55,30 @@ def test_upload_browse_append_delete(alice, service):
     assert alice.delete(f"/datasets/{ds['id']}").status_code == 204
     assert alice.get(f"/datasets/{ds['id']}").status_code == 404
     assert ds["id"] not in stored(service)[0]
+
+
+def _named(samples: list[tuple[str, bytes]], names: dict[str, str]) -> list[tuple[str, bytes]]:
+    return [(names[label], data) for label, data in samples]
+
+
+def test_class_names_that_differ_only_in_case_are_kept_and_flagged(alice, service):
+    pets = {"red_square": "cat", "green_disc": "dog", "blue_bar": "Cat"}
+    first = _named(make_samples(2, seed=4, classes=["red_square", "green_disc"]), pets)
+    r = upload(alice, csv_zip(first), name="pets")
+    assert r.status_code == 201 and r.json()["warnings"] == []
+    ds = r.json()["id"]
+    more = _named(make_samples(2, seed=5, classes=["blue_bar"]), pets)
+    r = alice.post(f"/datasets/{ds}/items",
+                   files={"file": ("more.zip", folder_zip(more), "application/zip")})
+    assert r.status_code == 201, r.text
+    assert r.json()["dataset"]["classes"] == ["Cat", "cat", "dog"]  # stored as given
+    [warning] = r.json()["warnings"]
+    assert "'Cat' and 'cat' differ only in letter case" in warning
+    with httpx.Client(base_url=service.base_url, timeout=30) as page:  # the dashboard too
+        ui_sign_in(page, "alice")
+        html = page.get(f"/ui/datasets/{ds}").text
+        assert "&#39;Cat&#39; and &#39;cat&#39; differ only in letter case" in html
+    alice.delete(f"/datasets/{ds}")
 
 
 def _slip() -> bytes:
