@@ -77,12 +77,12 @@ async def _multipart(request: Request, spec: ImageBodySpec[Options], max_images:
     except ValidationError as exc:
         raise invalid(exc) from None
     files = [f for f in form.getlist(spec.upload_field) if isinstance(f, UploadFile)]
-    elsewhere = sorted({k for k, v in form.multi_items() if isinstance(v, UploadFile)}
-                       - {spec.upload_field})
-    if not files and elsewhere:  # e.g. `files` where this route takes `file`
-        raise ApiError(422, f"the image goes in the form field '{spec.upload_field}', not "
-                            f"{', '.join(repr(k) for k in elsewhere)} ({spec.hint()})",
-                       "no_images")
+    if not files:  # e.g. `files` where this route takes `file`: name the right field
+        elsewhere = sorted({k for k, v in form.multi_items() if isinstance(v, UploadFile)})
+        if elsewhere:
+            raise ApiError(422, f"the image goes in the form field '{spec.upload_field}', "
+                                f"not {', '.join(repr(k) for k in elsewhere)} ({spec.hint()})",
+                           "no_images")
     _check_count(len(files), spec, max_images)
     images = [(f.filename or f"{spec.upload_field}[{i}]", await f.read())
               for i, f in enumerate(files)]

@@ -52,7 +52,7 @@ def open_image(source: ImageSource, name: str | None = None) -> Image.Image:
         raise InvalidDataError(f"{label}: not a readable image ({exc})") from None
 
 
-# EXIF orientations that ask for a transpose (1 is upright).
+# The EXIF tag of the orientation; its values 2-8 ask for a transpose (1 is upright).
 _EXIF_ORIENTATION = 0x0112
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
@@ -140,8 +140,7 @@ class Preprocess:
     def __call__(self, image: Image.Image) -> torch.Tensor:
         # numpy, not torch: the API preprocesses in many request threads at once, and
         # small torch ops there start OpenMP thread teams that fight the model for cores.
-        if image.mode not in ("RGB", "L"):
-            image = image.convert("RGB")
+        image = _rgb_or_gray(image)  # a PIL image given directly follows open_image's rules
         pixels = np.asarray(image.resize((self.image_size, self.image_size),
                                          Image.Resampling.BILINEAR))
         if pixels.ndim == 2:  # grayscale: the same level in all three channels

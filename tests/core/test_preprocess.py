@@ -89,3 +89,10 @@ def test_transparent_parts_are_white_whatever_colour_they_hide():
     decoded = open_image(_encoded(palette, transparency=transparent))
     assert tuple(np.asarray(decoded)[0, 0]) == (255, 255, 255)
     assert tuple(np.asarray(decoded)[3, 3]) == (200, 0, 0)
+
+
+def test_a_pil_image_given_directly_is_read_by_the_same_rules():
+    sticker = Image.new("RGBA", (8, 8), (0, 255, 0, 0))
+    sticker.paste((200, 0, 0, 255), (2, 2, 6, 6))
+    preprocess = Preprocess(8, IMAGENET_MEAN, IMAGENET_STD)
+    assert torch.equal(preprocess(sticker), preprocess(open_image(_encoded(sticker))))
