@@ -117,8 +117,9 @@ _LQF_CONVERGED_GRID = [
     {"suffix_blocks": k, "probe_l2": 10.0, "weight_decay": 1e-3, "max_iters": None,
      "tol": None} for k in (4, 2)
 ]
-_LQF_FAMILY_GRIDS = {"max_iters": _LQF_ITERS_GRID, "suffix_blocks": _LQF_SUFFIX_GRID,
-                     "converged": _LQF_CONVERGED_GRID}
+_LQF_FAMILY_GRIDS: dict[str, list[dict[str, Any]]] = {
+    "max_iters": _LQF_ITERS_GRID, "suffix_blocks": _LQF_SUFFIX_GRID,
+    "converged": _LQF_CONVERGED_GRID}
 
 # --quick: the full grids, one shot count, one seed, fewer test images.
 QUICK_GRIDS = GRIDS
