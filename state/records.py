@@ -51,6 +51,7 @@ class ModelRecord(TypedDict, total=False):
     forgotten_item_ids: list[int]
     name: str | None  # the model name (state.registry) this model is a version of
     version: int | None
+    training: dict[str, Any]  # how the fit went (worker.jobs.models.training_summary)
 
 
 @dataclass

@@ -23,3 +23,8 @@ class ModelPublic(BaseModel):
     # The model name this model is a version of (GET /names/{name}), if any.
     name: str | None = None
     version: int | None = None
+    # How the fit went: items fitted and held out, the calibration used and the softmax
+    # temperature, how the input size was chosen, and for LQF the solver's iterations,
+    # the relative gradient norm it reached and whether that met its tolerance. Empty for
+    # models trained before this field existed.
+    training: dict[str, Any] = {}

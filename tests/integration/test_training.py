@@ -32,6 +32,12 @@ def test_lqf_job_succeeds_and_predicts_above_chance(alice, lqf_model, shapes_dat
     assert hyper["image_size"] == FAST_TINY["image_size"] and hyper["val_fraction"] == 0.2
     assert isinstance(hyper["suffix_blocks"], int) and hyper["regularizer"] == "kfac"
     assert hyper["tol"] is not None and hyper["max_iters"] is not None
+    # ... and how the fit went: the solver's tolerance reached, the items fitted.
+    fit = lqf_model["training"]
+    assert fit["solver_converged"] is True and fit["relative_grad_norm"] <= hyper["tol"] * 1.5
+    assert fit["solver_iterations"] >= 1 and fit["calibration"] == "holdout"
+    assert fit["num_train"] + fit["num_val"] == shapes_dataset["num_items"]
+    assert fit["temperature"] > 0 and "train_item_ids" not in fit
     job = alice.get(f"/jobs/{lqf_model['job_id']}").json()
     assert job["status"] == "succeeded" and job["model_id"] == lqf_model["id"]
     assert job["progress"]["fraction"] == 1.0 and job["error"] is None
@@ -52,6 +58,9 @@ def test_baseline_methods_run(alice, shapes_dataset, method, hyper):
     assert done["status"] == "succeeded", done
     model = alice.get(f"/models/{done['model_id']}").json()
     assert model["method"] == method and model["job_id"] == job["id"]
+    assert model["training"]["num_train"] > 0
+    if method == "finetune":
+        assert 1 <= model["training"]["epochs_run"] <= 5
     assert accuracy(alice, model["id"]) > 1 / len(CLASSES)
 
 

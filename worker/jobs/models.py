@@ -17,6 +17,21 @@ from state.registry import Registry
 from worker.jobs.crossfit_ranking import crossfit_ranking
 from worker.lifecycle import JobContext, JobFailure, Outcome, Undo, job_device
 
+# What a client may want to know of how a model was fitted (its info holds more: item ids,
+# histories, cross-fitted scores, which stay in the artifact).
+TRAINING_FACTS = ("num_train", "num_val", "calibration", "image_size_rule", "solver",
+                  "solver_iterations", "relative_grad_norm", "solver_converged",
+                  "jacobian_products", "num_linearized_params", "workers", "warm_started",
+                  "epochs_run", "best_epoch", "backbone_weights", "lqf_core_version",
+                  "torch_version")
+
+
+def training_summary(model: TrainedModel) -> dict[str, Any]:
+    """The model's fit facts for its record (GET /models/{ref}: `training`)."""
+    summary = {k: model.info[k] for k in TRAINING_FACTS if k in model.info}
+    summary["temperature"] = float(model.temperature)
+    return summary
+
 
 def require_dataset(artifacts: ArtifactStore, job: dict[str, Any]) -> DatasetManifest:
     if artifacts.dataset_meta(job["dataset_id"]) is None:
@@ -101,6 +116,7 @@ def _store_model(artifacts: ArtifactStore, job: dict[str, Any], config: TrainCon
             "created_at": utc_now(),
             "parent_id": model.info.get("parent_id"),
             "forgotten_item_ids": item_ids_of(model.info, "forgotten_item_ids"),
+            "training": training_summary(model),
         }
         write_json(staging / "record.json", record)
         crossfit = model.info.get("crossfit")
