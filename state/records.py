@@ -33,6 +33,7 @@ class DatasetSummary(TypedDict, total=False):
     classes: list[str]
     class_counts: dict[str, int]
     stored_bytes: int  # the directory's size when last written (per-tenant storage limit)
+    upload_warnings: list[str]  # what its uploads looked wrong in (app.datasets.archive)
 
 
 class ModelRecord(TypedDict, total=False):

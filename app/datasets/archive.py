@@ -1,7 +1,10 @@
 """Reading an uploaded zip safely: structure first (cheap), then every image decoded.
 
 Two layouts are accepted:
-  class folders   <any/prefix/>cat/001.png, <any/prefix/>dog/002.jpg  (label = parent folder)
+  class folders   <any/prefix/>cat/001.png, <any/prefix/>dog/002.jpg
+                  label_from "parent" (default): each image's own folder
+                  label_from "top": the first folder below those that wrap every image,
+                  so cat/2019/001.png is a "cat" (torchvision's ImageFolder reads so)
   labels.csv      labels.csv with a `filename,label` header, filenames relative to it
 Nothing is extracted by the archive's own names: images are copied to files named by
 item id, so a hostile name cannot write outside the staging directory.
@@ -15,6 +18,7 @@ import stat
 import time
 import zipfile
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path, PurePosixPath
 from typing import IO
 
@@ -24,6 +28,16 @@ from state.records import ManifestItem
 
 MAX_LABEL_LENGTH = 200
 _LABELS_CSV = "labels.csv"
+# Top-level folders that split one dataset rather than name classes (train/cat, test/cat).
+_SPLIT_FOLDERS = {"train", "training", "val", "valid", "validation", "test", "testing", "dev",
+                  "eval"}
+
+
+class LabelFrom(StrEnum):
+    """Which folder names an image's class in a class-folder archive."""
+
+    PARENT = "parent"  # the folder the image is in
+    TOP = "top"  # the first folder below the ones that wrap every image
 
 
 @dataclass(frozen=True)
@@ -61,8 +75,10 @@ def _skipped(name: str) -> bool:
     return name.endswith("/") or any(p.startswith(".") or p == "__MACOSX" for p in parts)
 
 
-def scan(zf: zipfile.ZipFile, limits: Limits) -> tuple[list[ArchiveEntry], list[str]]:
-    """Check the archive's structure and label every image -> (entries, ignored names)."""
+def scan(zf: zipfile.ZipFile, limits: Limits, label_from: LabelFrom = LabelFrom.PARENT
+         ) -> tuple[list[ArchiveEntry], list[str]]:
+    """Check the archive's structure and label every image -> (entries, ignored names).
+    `label_from` applies to class folders (a labels.csv names every label itself)."""
     infos = [i for i in zf.infolist() if not i.is_dir()]
     unsafe = [i.filename for i in infos if _is_unsafe(i)]
     if unsafe:
@@ -82,7 +98,7 @@ def scan(zf: zipfile.ZipFile, limits: Limits) -> tuple[list[ArchiveEntry], list[
     if len(csvs) > 1:
         raise ApiError(422, f"archive holds {len(csvs)} labels.csv files, expected at most one",
                        "invalid_archive")
-    entries = _from_csv(zf, csvs[0], images) if csvs else _from_folders(images)
+    entries = _from_csv(zf, csvs[0], images) if csvs else _from_folders(images, label_from)
     if not entries:
         raise ApiError(422, "archive holds no images (accepted: "
                             f"{', '.join(IMAGE_SUFFIXES)})", "no_images")
@@ -99,15 +115,66 @@ def _check_label(label: str, where: str) -> str:
     return label
 
 
-def _from_folders(images: list[zipfile.ZipInfo]) -> list[ArchiveEntry]:
-    entries = []
+def _folders(name: str) -> tuple[str, ...]:
+    return PurePosixPath(name).parts[:-1]
+
+
+def _wrapper(folder_lists: list[tuple[str, ...]]) -> tuple[str, ...]:
+    """The folders every image is inside (the longest common prefix)."""
+    first = folder_lists[0]
+    depth = min(len(f) for f in folder_lists)
+    for i in range(depth):
+        if any(f[i] != first[i] for f in folder_lists):
+            return first[:i]
+    return first[:depth]
+
+
+def _from_folders(images: list[zipfile.ZipInfo], label_from: LabelFrom) -> list[ArchiveEntry]:
     for info in images:
-        parts = PurePosixPath(info.filename).parts
-        if len(parts) < 2:
+        if not _folders(info.filename):
             raise ApiError(422, f"image {info.filename!r} is at the archive root: put each "
                                 "class in its own folder, or add a labels.csv", "missing_label")
-        entries.append(ArchiveEntry(info.filename, _check_label(parts[-2], info.filename), info))
+    wrapper = _wrapper([_folders(i.filename) for i in images]) if images else ()
+    entries = []
+    for info in images:
+        folders = _folders(info.filename)
+        if label_from == LabelFrom.PARENT:
+            label = folders[-1]
+        elif len(folders) > len(wrapper):
+            label = folders[len(wrapper)]
+        elif all(_folders(i.filename) == wrapper for i in images):
+            label = folders[-1]  # every image in one folder: that folder is the class
+        else:
+            raise ApiError(422, f"image {info.filename!r} is beside the class folders, not in "
+                                "one (label_from=top: the class is the first folder below "
+                                f"{'/'.join(wrapper)!r})", "missing_label")
+        entries.append(ArchiveEntry(info.filename, _check_label(label, info.filename), info))
     return entries
+
+
+def folder_warnings(entries: list[ArchiveEntry], label_from: LabelFrom) -> list[str]:
+    """Parent-folder labels that look like subfolders of the real classes: one label found
+    under several top-level folders (cats/2019, dogs/2019), unless those folders are
+    splits (train/cat, test/cat). Stored as labelled; the warning says how to relabel."""
+    if label_from != LabelFrom.PARENT or not entries:
+        return []
+    wrapper = _wrapper([_folders(e.name) for e in entries])
+    tops: dict[str, set[str]] = {}
+    for e in entries:
+        folders = _folders(e.name)
+        if len(folders) > len(wrapper) + 1:  # a folder between the top and the label's
+            tops.setdefault(e.label, set()).add(folders[len(wrapper)])
+    spread = {label: sorted(t) for label, t in tops.items() if len(t) > 1
+              and not all(name.casefold() in _SPLIT_FOLDERS for name in t)}
+    if not spread:
+        return []
+    shown = sorted(spread)[:3]
+    examples = "; ".join(f"{label!r} under {', '.join(repr(t) for t in spread[label][:3])}"
+                         for label in shown)
+    more = f" (and {len(spread) - len(shown)} more)" if len(spread) > len(shown) else ""
+    return [f"labels come from each image's own folder, and some are found under several "
+            f"top-level folders: {examples}{more}. If the top-level folders are the classes, "
+            "upload the archive again with label_from=top"]
 
 
 def _from_csv(zf: zipfile.ZipFile, csv_info: zipfile.ZipInfo,

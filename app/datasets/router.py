@@ -8,6 +8,7 @@ from fastapi.responses import FileResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.datasets import service
+from app.datasets.archive import LabelFrom
 from app.datasets.schemas import DatasetCreated, DatasetPublic, ItemPublic, ItemsAdded
 from app.deps import Artifacts, Jobs, SettingsDep, Tenant
 from app.jobs.schemas import JobPublic
@@ -18,6 +19,10 @@ from app.uploads import check_upload
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
 ZipFile = Annotated[UploadFile, File(description="a zip: class folders, or images + labels.csv")]
+LabelFromField = Annotated[LabelFrom, Form(description=(
+    "class folders: 'parent' labels each image by the folder it is in; 'top' by the first "
+    "folder below those that wrap every image (cat/2019/001.png is a 'cat'). A labels.csv "
+    "names the labels itself."))]
 
 
 # Sync handlers: zip reading and image decoding are blocking work, so FastAPI runs them
@@ -26,12 +31,15 @@ ZipFile = Annotated[UploadFile, File(description="a zip: class folders, or image
 def create_dataset(
     tenant: Tenant, store: Artifacts, settings: SettingsDep, file: ZipFile,
     name: Annotated[str | None, Form(max_length=200)] = None,
+    label_from: LabelFromField = LabelFrom.PARENT,
 ) -> DatasetCreated:
     check_upload(file, settings.max_upload_bytes)
     default_name = (file.filename or "dataset").rsplit("/", 1)[-1].removesuffix(".zip")
-    meta, ignored = service.create(store, settings, tenant, file.file, name or default_name)
-    return DatasetCreated.model_validate({**meta, "ignored_files": ignored,
-                                          "warnings": service.class_warnings(meta["classes"])})
+    meta, ignored, warnings = service.create(store, settings, tenant, file.file,
+                                             name or default_name, label_from)
+    return DatasetCreated.model_validate({
+        **meta, "ignored_files": ignored,
+        "warnings": service.class_warnings(meta["classes"]) + warnings})
 
 
 class LabelStudioImport(BaseModel):
@@ -81,14 +89,16 @@ def list_items(dataset_id: str, tenant: Tenant, store: Artifacts, limit: Limit =
 @router.post("/{dataset_id}/items", status_code=201, response_model=ItemsAdded)
 def add_items(
     dataset_id: str, tenant: Tenant, store: Artifacts, settings: SettingsDep, file: ZipFile,
+    label_from: LabelFromField = LabelFrom.PARENT,
 ) -> ItemsAdded:
     check_upload(file, settings.max_upload_bytes)
-    meta, added, ignored = service.append(store, settings, tenant, dataset_id, file.file)
+    meta, added, ignored, warnings = service.append(store, settings, tenant, dataset_id,
+                                                    file.file, label_from)
     return ItemsAdded(dataset=DatasetPublic.model_validate(meta),
                       added=[ItemPublic(id=a.id, label=a.label, filename=a.filename)
                              for a in added],
                       ignored_files=ignored,
-                      warnings=service.class_warnings(meta["classes"]))
+                      warnings=service.class_warnings(meta["classes"]) + warnings)
 
 
 @router.get("/{dataset_id}/source")

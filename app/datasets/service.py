@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from app.config import Settings
-from app.datasets.archive import Limits, extract, open_zip, scan
+from app.datasets.archive import LabelFrom, Limits, extract, folder_warnings, open_zip, scan
 from app.errors import ApiError, not_found
 from app.limits import admit_bytes
 from state.artifacts import ArtifactStore, directory_bytes, read_json
@@ -32,6 +32,15 @@ def class_warnings(classes: list[str]) -> list[str]:
             for names in spellings.values() if len(names) > 1]
 
 
+# The upload warnings a dataset keeps (its page shows them), newest last.
+MAX_UPLOAD_WARNINGS = 10
+
+
+def dataset_warnings(meta: DatasetSummary) -> list[str]:
+    """What the dataset page shows: its class names' warnings, then its uploads'."""
+    return class_warnings(meta["classes"]) + list(meta.get("upload_warnings", []))
+
+
 def get_meta(store: ArtifactStore, tenant: str, dataset_id: str) -> DatasetSummary:
     meta = store.tenant_dataset(tenant, dataset_id)
     if meta is None:
@@ -44,10 +53,13 @@ def _deadline(settings: Settings, started: float) -> float:
 
 
 def create(store: ArtifactStore, settings: Settings, tenant: str, upload: IO[bytes],
-           name: str) -> tuple[DatasetSummary, list[str]]:
+           name: str, label_from: LabelFrom = LabelFrom.PARENT
+           ) -> tuple[DatasetSummary, list[str], list[str]]:
+    """-> (summary, ignored files, this upload's warnings)."""
     started = time.monotonic()
     with open_zip(upload) as zf:
-        entries, ignored = scan(zf, _limits(settings))
+        entries, ignored = scan(zf, _limits(settings), label_from)
+        warnings = folder_warnings(entries, label_from)
         admit_bytes(store, settings, tenant, sum(e.info.file_size for e in entries))
         classes = sorted({e.label for e in entries})
         if len(classes) < 2:
@@ -60,20 +72,23 @@ def create(store: ArtifactStore, settings: Settings, tenant: str, upload: IO[byt
                             deadline=_deadline(settings, started))
             meta = store.write_dataset(staging, DatasetManifest.new(items), {
                 "id": dataset_id, "name": name, "tenant": tenant, "created_at": utc_now(),
-                "stored_bytes": directory_bytes(staging)})
+                "stored_bytes": directory_bytes(staging), "upload_warnings": warnings})
             store.commit(staging, store.dataset_dir(dataset_id))
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-    return meta, ignored
+    return meta, ignored, warnings
 
 
 def append(store: ArtifactStore, settings: Settings, tenant: str, dataset_id: str,
-           upload: IO[bytes]) -> tuple[DatasetSummary, list[ManifestItem], list[str]]:
+           upload: IO[bytes], label_from: LabelFrom = LabelFrom.PARENT
+           ) -> tuple[DatasetSummary, list[ManifestItem], list[str], list[str]]:
+    """-> (summary, the items added, ignored files, this upload's warnings)."""
     started = time.monotonic()
     get_meta(store, tenant, dataset_id)
     with open_zip(upload) as zf:
-        entries, ignored = scan(zf, _limits(settings))
+        entries, ignored = scan(zf, _limits(settings), label_from)
+        warnings = folder_warnings(entries, label_from)
         admit_bytes(store, settings, tenant, sum(e.info.file_size for e in entries))
         root = store.dataset_dir(dataset_id)
         with store.dataset_lock(dataset_id):
@@ -93,9 +108,12 @@ def append(store: ArtifactStore, settings: Settings, tenant: str, dataset_id: st
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
             manifest.append(added)
+            old = store.dataset_meta(dataset_id) or {}
+            kept = [w for w in old.get("upload_warnings", []) if w not in warnings] + warnings
             meta = store.write_dataset(root, manifest, {
-                **(store.dataset_meta(dataset_id) or {}), "stored_bytes": directory_bytes(root)})
-    return meta, added, ignored
+                **old, "stored_bytes": directory_bytes(root),
+                "upload_warnings": kept[-MAX_UPLOAD_WARNINGS:]})
+    return meta, added, ignored, warnings
 
 
 def list_items(store: ArtifactStore, tenant: str, dataset_id: str, limit: int,

@@ -9,6 +9,7 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Resp
 from starlette.concurrency import run_in_threadpool
 
 from app.datasets import service as datasets
+from app.datasets.archive import LabelFrom
 from app.deps import Artifacts, Jobs, SettingsDep
 from app.jobs import service as jobs_service
 from app.jobs.router import job_events
@@ -48,12 +49,14 @@ def dataset_upload(
     file: Annotated[UploadFile, File()],
     csrf_token: Annotated[str, Form(max_length=200)] = "",
     name: Annotated[str, Form(max_length=200)] = "",
+    label_from: Annotated[LabelFrom, Form()] = LabelFrom.PARENT,
 ) -> RedirectResponse:
     check_csrf(session, csrf_token)
     check_upload(file, settings.max_upload_bytes)
     default = (file.filename or "dataset").rsplit("/", 1)[-1].removesuffix(".zip")
-    meta, _ = datasets.create(store, settings, session.tenant, file.file,
-                              name.strip() or default)
+    # The dataset page shows this upload's warnings (kept with the dataset).
+    meta, _, _ = datasets.create(store, settings, session.tenant, file.file,
+                                 name.strip() or default, label_from)
     return redirect(f"/ui/datasets/{meta['id']}")
 
 
@@ -66,7 +69,7 @@ def dataset_detail(request: Request, dataset_id: str, session: UiSession, store:
     pages = max(1, -(-total // ITEMS_PER_PAGE))
     return render(request, "dataset.html", {
         "dataset": meta, "items": items, "total": total, "page": page, "pages": pages,
-        "methods": [m.value for m in Method], "warnings": datasets.class_warnings(meta["classes"]),
+        "methods": [m.value for m in Method], "warnings": datasets.dataset_warnings(meta),
     }, session=session)
 
 

@@ -81,6 +81,58 @@ def test_class_names_that_differ_only_in_case_are_kept_and_flagged(alice, servic
     alice.delete(f"/datasets/{ds}")
 
 
+def test_nested_class_folders_label_by_parent_or_top(alice, service):
+    """cats/2019/0.png: by default the image's own folder is its label, and the response
+    says the top-level folders may be the classes; label_from=top reads them so."""
+    images = [data for _, data in make_samples(2, seed=6)]
+    nested = zip_of({f"My Photos/{pet}/{year}/{i}.png": images[i % len(images)]
+                     for i, (pet, year) in enumerate((p, y) for p in ("cats", "dogs")
+                                                     for y in ("2019", "2020"))})
+    r = upload(alice, nested, name="by-parent")
+    assert r.status_code == 201, r.text
+    assert r.json()["classes"] == ["2019", "2020"]  # as labelled: each image's own folder
+    [warning] = r.json()["warnings"]
+    assert "'2019' under 'cats', 'dogs'" in warning and "label_from=top" in warning
+    with httpx.Client(base_url=service.base_url, timeout=30) as page:  # kept for its page
+        ui_sign_in(page, "alice")
+        assert "label_from=top" in page.get(f"/ui/datasets/{r.json()['id']}").text
+    alice.delete(f"/datasets/{r.json()['id']}")
+
+    r = alice.post("/datasets", files={"file": ("data.zip", nested, "application/zip")},
+                   data={"name": "by-top", "label_from": "top"})
+    assert r.status_code == 201, r.text
+    assert r.json()["class_counts"] == {"cats": 2, "dogs": 2} and r.json()["warnings"] == []
+    ds = r.json()["id"]
+    more = zip_of({"extra/cats/2021/a.png": images[0], "extra/birds/b.png": images[1]})
+    r = alice.post(f"/datasets/{ds}/items", data={"label_from": "top"},
+                   files={"file": ("more.zip", more, "application/zip")})
+    assert r.status_code == 201, r.text
+    assert r.json()["dataset"]["class_counts"] == {"birds": 1, "cats": 3, "dogs": 2}
+    alice.delete(f"/datasets/{ds}")
+
+    # Split folders (train/cat, test/cat) are the usual layout, not a mistake: no warning.
+    splits = zip_of({f"{split}/{pet}/{i}.png": images[i % 2]
+                     for i, (split, pet) in enumerate((s, p) for s in ("train", "test")
+                                                      for p in ("cat", "dog"))})
+    r = upload(alice, splits, name="splits")
+    assert r.status_code == 201 and r.json()["classes"] == ["cat", "dog"]
+    assert r.json()["warnings"] == []
+    alice.delete(f"/datasets/{r.json()['id']}")
+
+    # label_from=top with an image beside the class folders, and a bad value: 422s.
+    beside = zip_of({"data/cats/0.png": images[0], "data/dogs/1.png": images[1],
+                     "data/stray.png": images[0]})
+    before = stored(service)
+    r = alice.post("/datasets", files={"file": ("data.zip", beside, "application/zip")},
+                   data={"label_from": "top"})
+    assert r.status_code == 422 and r.json()["code"] == "missing_label"
+    assert "'data/stray.png' is beside the class folders" in r.json()["detail"]
+    r = alice.post("/datasets", files={"file": ("data.zip", nested, "application/zip")},
+                   data={"label_from": "grandparent"})
+    assert r.status_code == 422 and "label_from" in r.text
+    assert stored(service) == before
+
+
 def _slip() -> bytes:
     good = make_samples(2, seed=3)
     files = {f"{label}/{i}.png": data for i, (label, data) in enumerate(good)}

@@ -141,16 +141,16 @@ def test_files_added_to_a_model_reach_other_hosts(hosts):
 def test_datasets_upload_append_and_relabel_across_hosts(hosts):
     a, b, c = hosts
     settings = Settings()
-    meta, _ = datasets.create(a, settings, "t1", io.BytesIO(folder_zip(make_samples(3, 0))),
-                              "shapes")
+    meta, _, _ = datasets.create(a, settings, "t1",
+                                 io.BytesIO(folder_zip(make_samples(3, 0))), "shapes")
     assert b.dataset_meta(meta["id"]) == meta
     assert b.tenant_dataset("t2", meta["id"]) is None
     # An append on b: b syncs under the lock, adds, publishes only the new images.
     assert b.remote is not None
     before = b.remote.tree(f"datasets/{meta['id']}")
     assert before is not None
-    appended, added, _ = datasets.append(b, settings, "t1", meta["id"],
-                                         io.BytesIO(folder_zip(make_samples(2, 5))))
+    appended, added, _, _ = datasets.append(b, settings, "t1", meta["id"],
+                                            io.BytesIO(folder_zip(make_samples(2, 5))))
     after = b.remote.tree(f"datasets/{meta['id']}")
     assert after is not None
     new_files = {f for f in after.files if after.files[f] != before.files.get(f)}
