@@ -76,9 +76,9 @@ def _skipped(name: str) -> bool:
 
 
 def scan(zf: zipfile.ZipFile, limits: Limits, label_from: LabelFrom = LabelFrom.PARENT
-         ) -> tuple[list[ArchiveEntry], list[str]]:
-    """Check the archive's structure and label every image -> (entries, ignored names).
-    `label_from` applies to class folders (a labels.csv names every label itself)."""
+         ) -> tuple[list[ArchiveEntry], list[str], list[str]]:
+    """Check the archive's structure and label every image -> (entries, ignored names,
+    warnings). `label_from` applies to class folders (a labels.csv names every label)."""
     infos = [i for i in zf.infolist() if not i.is_dir()]
     unsafe = [i.filename for i in infos if _is_unsafe(i)]
     if unsafe:
@@ -98,11 +98,15 @@ def scan(zf: zipfile.ZipFile, limits: Limits, label_from: LabelFrom = LabelFrom.
     if len(csvs) > 1:
         raise ApiError(422, f"archive holds {len(csvs)} labels.csv files, expected at most one",
                        "invalid_archive")
-    entries = _from_csv(zf, csvs[0], images) if csvs else _from_folders(images, label_from)
+    if csvs:
+        entries, warnings = _from_csv(zf, csvs[0], images), []
+    else:
+        entries = _from_folders(images, label_from)
+        warnings = _folder_warnings(entries) if label_from == LabelFrom.PARENT else []
     if not entries:
         raise ApiError(422, "archive holds no images (accepted: "
                             f"{', '.join(IMAGE_SUFFIXES)})", "no_images")
-    return entries, ignored
+    return entries, ignored, warnings
 
 
 def _check_label(label: str, where: str) -> str:
@@ -135,6 +139,7 @@ def _from_folders(images: list[zipfile.ZipInfo], label_from: LabelFrom) -> list[
             raise ApiError(422, f"image {info.filename!r} is at the archive root: put each "
                                 "class in its own folder, or add a labels.csv", "missing_label")
     wrapper = _wrapper([_folders(i.filename) for i in images]) if images else ()
+    one_folder = all(_folders(i.filename) == wrapper for i in images)
     entries = []
     for info in images:
         folders = _folders(info.filename)
@@ -142,7 +147,7 @@ def _from_folders(images: list[zipfile.ZipInfo], label_from: LabelFrom) -> list[
             label = folders[-1]
         elif len(folders) > len(wrapper):
             label = folders[len(wrapper)]
-        elif all(_folders(i.filename) == wrapper for i in images):
+        elif one_folder:
             label = folders[-1]  # every image in one folder: that folder is the class
         else:
             raise ApiError(422, f"image {info.filename!r} is beside the class folders, not in "
@@ -152,11 +157,11 @@ def _from_folders(images: list[zipfile.ZipInfo], label_from: LabelFrom) -> list[
     return entries
 
 
-def folder_warnings(entries: list[ArchiveEntry], label_from: LabelFrom) -> list[str]:
+def _folder_warnings(entries: list[ArchiveEntry]) -> list[str]:
     """Parent-folder labels that look like subfolders of the real classes: one label found
     under several top-level folders (cats/2019, dogs/2019), unless those folders are
     splits (train/cat, test/cat). Stored as labelled; the warning says how to relabel."""
-    if label_from != LabelFrom.PARENT or not entries:
+    if not entries:
         return []
     wrapper = _wrapper([_folders(e.name) for e in entries])
     tops: dict[str, set[str]] = {}

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from app.config import Settings
-from app.datasets.archive import LabelFrom, Limits, extract, folder_warnings, open_zip, scan
+from app.datasets.archive import LabelFrom, Limits, extract, open_zip, scan
 from app.errors import ApiError, not_found
 from app.limits import admit_bytes
 from state.artifacts import ArtifactStore, directory_bytes, read_json
@@ -58,8 +58,7 @@ def create(store: ArtifactStore, settings: Settings, tenant: str, upload: IO[byt
     """-> (summary, ignored files, this upload's warnings)."""
     started = time.monotonic()
     with open_zip(upload) as zf:
-        entries, ignored = scan(zf, _limits(settings), label_from)
-        warnings = folder_warnings(entries, label_from)
+        entries, ignored, warnings = scan(zf, _limits(settings), label_from)
         admit_bytes(store, settings, tenant, sum(e.info.file_size for e in entries))
         classes = sorted({e.label for e in entries})
         if len(classes) < 2:
@@ -87,8 +86,7 @@ def append(store: ArtifactStore, settings: Settings, tenant: str, dataset_id: st
     started = time.monotonic()
     get_meta(store, tenant, dataset_id)
     with open_zip(upload) as zf:
-        entries, ignored = scan(zf, _limits(settings), label_from)
-        warnings = folder_warnings(entries, label_from)
+        entries, ignored, warnings = scan(zf, _limits(settings), label_from)
         admit_bytes(store, settings, tenant, sum(e.info.file_size for e in entries))
         root = store.dataset_dir(dataset_id)
         with store.dataset_lock(dataset_id):

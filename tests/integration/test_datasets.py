@@ -119,6 +119,14 @@ def test_nested_class_folders_label_by_parent_or_top(alice, service):
     assert r.json()["warnings"] == []
     alice.delete(f"/datasets/{r.json()['id']}")
 
+    # A labels.csv names its labels: no folder rule, no warning.
+    listed = zip_of({"cats/2019/0.png": images[0], "dogs/2019/1.png": images[1],
+                     "labels.csv": b"filename,label\ncats/2019/0.png,cat\ndogs/2019/1.png,dog\n"})
+    r = upload(alice, listed, name="listed")
+    assert r.status_code == 201 and r.json()["classes"] == ["cat", "dog"]
+    assert r.json()["warnings"] == []
+    alice.delete(f"/datasets/{r.json()['id']}")
+
     # label_from=top with an image beside the class folders, and a bad value: 422s.
     beside = zip_of({"data/cats/0.png": images[0], "data/dogs/1.png": images[1],
                      "data/stray.png": images[0]})
