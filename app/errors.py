@@ -71,7 +71,8 @@ QUERY_TIMEOUT_RESPONSE: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorBody,
           "description": "the query passed LQF_QUERY_TIMEOUT_S and was stopped (code "
                          "query_timeout), or the model's posterior is still being built "
-                         "(code posterior_building, with Retry-After)"},
+                         "(code posterior_building, with Retry-After), or, for a "
+                         "leave-one-out answer, its leverages (code leverages_building)"},
     504: {"model": ErrorBody,
           "description": "the prediction passed LQF_PREDICT_TIMEOUT_S (code predict_timeout)"}}
 

@@ -73,9 +73,12 @@ async def influence(model_id: str, request: Request, tenant: Tenant,
     body = await parse_image_body(request, INFLUENCE_BODY, max_images=1)
     options = body.options
     entry = await posteriors.get(store, record, request.app.state.predictors, deadline)
+    exact_loo = options.variant == Variant.EXACT_LOO
+    if exact_loo:
+        await posteriors.leverages(record["id"], entry, deadline)
     x: torch.Tensor = await run_in_threadpool(prepare, entry.predictor, body.images)
-    out = await posteriors.run(deadline, entry.influence, x, options.top_k,
-                               options.variant == Variant.EXACT_LOO, deadline)
+    out = await posteriors.run(deadline, entry.influence, x, options.top_k, exact_loo,
+                               deadline)
     return InfluenceResponse(model_id=record["id"], model_version=record["model_version"],
                              variant=options.variant, solver=entry.solver, **out)
 
@@ -194,6 +197,7 @@ async def self_influence(
         posteriors = request.app.state.posteriors
         deadline = posteriors.deadline()
         entry = await posteriors.get(store, record, request.app.state.predictors, deadline)
+        await posteriors.leverages(model_id, entry, deadline)
         items, total = await posteriors.run(deadline, entry.self_influence, limit, deadline)
         return SelfInfluenceResponse(model_id=model_id, model_version=model_version,
                                      method=method, solver=entry.self_influence_solver,

@@ -18,7 +18,12 @@ N = 1,000 on two cores it takes longer than one query's deadline, so it runs as 
 background task of its own, in its own thread, bounded by LQF_POSTERIOR_BUILD_TIMEOUT_S.
 A request that arrives while it runs waits up to its own deadline, then gets a 503
 `posterior_building` with Retry-After; the build goes on, and the next request finds it
-done. A build that fails is forgotten, so the next request tries again.
+done. A build that fails is forgotten, so the next request tries again. The K-FAC
+leverages (leave-one-out answers only) are a second stage, computed after the entry is
+served, a batch of items at a time between other queries of it: with C classes they
+cost C backward passes and C x C forms per item, 260 s of a 101-class model's build on
+2 cores, which uncertainty and first-order influence need not wait for. Leave-one-out
+queries wait for them like a build (503 `leverages_building`).
 """
 
 from __future__ import annotations
@@ -50,6 +55,17 @@ from state.artifacts import ArtifactStore
 from state.records import ItemsGone, ModelRecord, item_ids_of
 
 DEADLINE_GRACE_S = 1.0
+# The leverages' stage holds a posterior's lock for one batch of items at a time, so a
+# query waits at most that long. A batch's cost grows with C^2 (C backward passes and
+# C x C forms per item): 32 items at up to 35 classes, 3 at 101 (about 2 s on 2 cores;
+# single items cost twice as much per item).
+LEVERAGE_BATCH_WORK = 40_000
+LEVERAGE_PAUSE_S = 0.05
+
+
+def leverage_batch(num_classes: int) -> int:
+    """Training items per step of the leverages' stage."""
+    return max(1, min(32, LEVERAGE_BATCH_WORK // num_classes**2))
 log = logging.getLogger("lqf.api")
 T = TypeVar("T")
 
@@ -69,6 +85,11 @@ class PosteriorEntry:
     exact: bool
     lock: threading.Lock = field(default_factory=threading.Lock)
     _head: HeadPosterior | None = None  # for ranking: computed on first use
+    # The K-FAC leverages (leave-one-out answers), the build's second stage: computed a
+    # batch of items at a time after the entry is served (PosteriorCache.leverages).
+    leverages_task: asyncio.Future[None] | None = None
+    leverages_deadline: Deadline | None = None
+    leverages_done: int = 0  # training items whose leverages are computed
 
     @property
     def solver(self) -> str:
@@ -169,7 +190,9 @@ def build_entry(store: ArtifactStore, record: ModelRecord, predictor: Predictor,
     built = training_posterior(predictor, files, y,
                                dtype=torch.float64 if exact else torch.float32,
                                should_stop=deadline.passed)
-    built.posterior.prepare(exact=exact, should_stop=deadline.passed)
+    # K-FAC leverages come after (PosteriorCache._start_leverages): with many classes they
+    # cost minutes, and uncertainty and first-order influence do not need them.
+    built.posterior.prepare(exact=exact, should_stop=deadline.passed, leverages=False)
     return PosteriorEntry(posterior=built.posterior, prefix=built.prefix,
                           predictor=predictor, dataset_id=dataset_id, item_ids=ids,
                           labels=labels, exact=exact)
@@ -188,9 +211,12 @@ class PosteriorCache:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.executor = ThreadPoolExecutor(settings.query_threads, thread_name_prefix="query")
-        # Builds get their own thread: a long one does not hold up queries of built models.
+        # Builds get their own thread: a long one does not hold up queries of built models;
+        # so do the leverages (a second stage), which would otherwise hold up builds.
         self.build_executor = ThreadPoolExecutor(1, thread_name_prefix="posterior-build")
-        self._entries: AsyncLRU[PosteriorEntry] = AsyncLRU(settings.posterior_cache_size)
+        self.leverage_executor = ThreadPoolExecutor(1, thread_name_prefix="posterior-leverages")
+        self._entries: AsyncLRU[PosteriorEntry] = AsyncLRU(settings.posterior_cache_size,
+                                                           on_drop=self._dropped)
         self._builds: dict[str, _Build] = {}
 
     def deadline(self) -> Deadline:
@@ -238,12 +264,59 @@ class PosteriorCache:
             log.info("posterior built", extra={
                 "model_id": record["id"], "items": entry.posterior.n, "solver": entry.solver,
                 "seconds": round(time.monotonic() - started, 2)})
+            if not entry.exact and entry.posterior.needs_kfac_leverages:
+                self._start_leverages(record["id"], entry)
             return entry
 
         task = asyncio.get_running_loop().create_task(build())
         task.add_done_callback(lambda t: t.cancelled() or t.exception())  # always retrieved
         self._builds[record["id"]] = entry = _Build(task, limit)
         return entry
+
+    def _start_leverages(self, model_id: str, entry: PosteriorEntry) -> None:
+        """The entry's K-FAC leverages in the background, a batch of items at a time
+        under its lock, so queries of the served entry run in between."""
+        limit = entry.leverages_deadline = Deadline(self.settings.posterior_build_timeout_s)
+
+        def compute() -> None:
+            started = time.monotonic()
+            steps = entry.posterior.kfac_leverage_steps(leverage_batch(len(entry.class_names)))
+            while True:
+                with entry.lock, entry.posterior.interruptible(limit.passed):
+                    done = next(steps, None)
+                if done is None:
+                    break
+                entry.leverages_done = done
+                # A lock is not fair: without a pause this thread takes it straight back
+                # and a waiting query starves.
+                time.sleep(LEVERAGE_PAUSE_S)
+            log.info("posterior leverages computed", extra={
+                "model_id": model_id, "items": entry.posterior.n,
+                "seconds": round(time.monotonic() - started, 2)})
+
+        future = asyncio.get_running_loop().run_in_executor(self.leverage_executor, compute)
+        # A failed (or stopped) stage leaves the leverages to the queries that need them.
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        entry.leverages_task = future
+
+    async def leverages(self, model_id: str, entry: PosteriorEntry,
+                        deadline: Deadline) -> None:
+        """Wait, up to `deadline`, for the entry's leverages (leave-one-out influence and
+        closed-form mislabel scores need them); past it a 503 `leverages_building`."""
+        task = entry.leverages_task
+        if task is None or task.done():
+            return  # not needed, done, or failed: the query computes them itself
+        try:
+            await asyncio.wait_for(asyncio.shield(task), deadline.remaining())
+        except TimeoutError:
+            raise ApiError(503, f"the leave-one-out leverages of model {model_id} are still "
+                                f"being computed ({entry.leverages_done} of "
+                                f"{entry.posterior.n} training items), once per model; "
+                                "uncertainty and first-order influence answer meanwhile; "
+                                "retry in a few seconds", "leverages_building",
+                           headers={"Retry-After": "10"}) from None
+        except Exception:  # a failed stage: the query computes them itself
+            return
 
     async def run(self, deadline: Deadline, fn: Callable[..., T], *args: Any,
                   executor: ThreadPoolExecutor | None = None,
@@ -269,8 +342,15 @@ class PosteriorCache:
                 "s and was stopped; ask for fewer images, or see the README on which queries "
                 "are slow"), "query_timeout") from None
 
+    @staticmethod
+    async def _dropped(entry: PosteriorEntry) -> None:
+        if entry.leverages_deadline is not None:
+            entry.leverages_deadline.expire()  # its leverages stop at the next batch
+
     def evict(self, model_id: str) -> None:
-        self._entries.evict(model_id)
+        entry = self._entries.evict(model_id)
+        if entry is not None and entry.leverages_deadline is not None:
+            entry.leverages_deadline.expire()
         build = self._builds.pop(model_id, None)
         if build is not None:
             build.deadline.expire()  # a deleted model's build stops at its next poll
@@ -283,3 +363,4 @@ class PosteriorCache:
         await self._entries.clear()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.build_executor.shutdown(wait=False, cancel_futures=True)
+        self.leverage_executor.shutdown(wait=False, cancel_futures=True)

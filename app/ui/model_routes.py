@@ -35,7 +35,7 @@ POSTERIOR_EVAL_MAX_ITEMS = 512
 TRY_TOP_K = 5
 INFLUENCE_THUMBNAILS = 6
 # A query still waiting on the posterior, or past its deadline: the page says so.
-QUERY_UNAVAILABLE = {"posterior_building", "query_timeout"}
+QUERY_UNAVAILABLE = {"posterior_building", "leverages_building", "query_timeout"}
 
 
 def item_image_url(dataset_id: str, item_id: int) -> str:
@@ -225,6 +225,7 @@ async def review(request: Request, model_ref: str, session: UiSession, store: Ar
         deadline = posteriors.deadline()
         try:
             entry = await posteriors.get(store, record, request.app.state.predictors, deadline)
+            await posteriors.leverages(record["id"], entry, deadline)
             items, _ = await posteriors.run(deadline, entry.self_influence, limit, deadline)
             context.update(items=items, method=f"closed-form leave-one-out residual "
                                                f"({entry.self_influence_solver})")

@@ -114,6 +114,18 @@ def test_kfac_leverages_are_leverages_and_match_the_smw_form(trained):
     torch.testing.assert_close(post.loo_residuals(exact=False)[:3], expected)
 
 
+def test_kfac_leverages_in_steps_equal_the_one_pass(trained, backbone, data):
+    """The service computes them a few items at a time between queries (the posterior
+    cache's second stage): the same numbers, cached once the last step is done."""
+    model, post, z = trained
+    stepped = LQFPosterior(model, backbone, z, data[1], tol=1e-10, max_iters=2000,
+                           precondition=False)
+    assert stepped.needs_kfac_leverages
+    done = list(stepped.kfac_leverage_steps(batch_size=5))
+    assert done == [5, 10, 12] and not stepped.needs_kfac_leverages
+    torch.testing.assert_close(stepped.leverages(exact=False), post.leverages(exact=False))
+
+
 def test_predictive_covariance_equals_dense_inverse_formula(trained, backbone, data):
     _, post, _ = trained
     prefix = backbone.split(CONFIG.suffix_blocks)[0]

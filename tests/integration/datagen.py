@@ -94,3 +94,31 @@ def digits_samples(per_class: int, size: int = 32) -> list[tuple[str, bytes]]:
             img.save(buffer, format="PNG")
             out.append((f"digit_{label}", buffer.getvalue()))
     return out
+
+
+def many_class_samples(num_classes: int, per_class: int, seed: int = 0,
+                       size: int = 32) -> list[tuple[str, bytes]]:
+    """`num_classes` classes of coloured shapes (a hue per class, one of three shapes),
+    for what grows with the number of classes."""
+    import colorsys
+
+    rng = random.Random(seed)
+    out: list[tuple[str, bytes]] = []
+    for c in range(num_classes):
+        r, g, b = colorsys.hsv_to_rgb(c / num_classes, 0.9, 0.9)
+        colour = (int(255 * r), int(255 * g), int(255 * b))
+        for _ in range(per_class):
+            img = Image.new("RGB", (size, size), tuple(rng.randint(0, 40) for _ in range(3)))
+            draw = ImageDraw.Draw(img)
+            x, y = rng.randint(1, size // 4), rng.randint(1, size // 4)
+            box = (x, y, x + size // 2, y + size // 2)
+            if c % 3 == 0:
+                draw.rectangle(box, fill=colour)
+            elif c % 3 == 1:
+                draw.ellipse(box, fill=colour)
+            else:
+                draw.chord(box, 0, 180, fill=colour)
+            buffer = io.BytesIO()
+            img.save(buffer, format="PNG")
+            out.append((f"class_{c:03d}", buffer.getvalue()))
+    return out

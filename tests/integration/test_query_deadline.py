@@ -24,7 +24,7 @@ import pytest
 
 from app.launcher import LocalService
 
-from .datagen import digits_samples, folder_zip
+from .datagen import digits_samples, folder_zip, many_class_samples
 from .helpers import FINAL, KEYS, upload, wait_job
 
 pytestmark = pytest.mark.integration
@@ -76,6 +76,51 @@ def digits_model(exact_service: LocalService) -> dict[str, Any]:
         done = wait_job(c, job["id"], FINAL, timeout=300)
         assert done["status"] == "succeeded", done
         return c.get(f"/models/{done['model_id']}").json()
+
+
+def test_leverages_come_after_the_posterior_and_do_not_hold_up_uncertainty(exact_service):
+    """With many classes the K-FAC leverages (C backward passes and C x C forms per item)
+    cost far more than the rest of a posterior: uncertainty and first-order influence
+    answer once the posterior is built, while leave-one-out queries get a 503
+    `leverages_building` with progress until the second stage is done."""
+    with httpx.Client(base_url=exact_service.base_url, timeout=120,
+                      headers={"Authorization": f"Bearer {KEYS['alice']}"}) as c:
+        samples = many_class_samples(64, 3)
+        r = upload(c, folder_zip(samples), name="many")
+        assert r.status_code == 201 and len(r.json()["classes"]) == 64, r.text
+        # N*C = 128 x 64 is over the service's exact limit (2,000): K-FAC answers.
+        job = c.post("/jobs", json={"dataset_id": r.json()["id"], "hyperparameters": {
+            "image_size": 64, "val_fraction": 0.2}}).json()
+        done = wait_job(c, job["id"], FINAL, timeout=300)
+        assert done["status"] == "succeeded", done
+        model_id, image = done["model_id"], samples[0][1]
+        num_train = c.get(f"/models/{model_id}").json()["training"]["num_train"]
+        predict = {"data": {"model_id": model_id, "uncertainty": "true"},
+                   "files": [("files", ("a.png", image, "image/png"))]}
+        codes = []
+        while True:  # the posterior's build: 503 posterior_building, then answers
+            r = c.post("/predict", **predict)
+            if r.status_code == 200:
+                break
+            codes.append(r.json()["code"])
+            assert r.json()["code"] in {"posterior_building", "query_timeout"}, r.text
+            assert len(codes) < 40, codes
+        assert r.json()["predictions"][0]["uncertainty"]["solver"] == "kfac"
+        loo = {"json": {"image": base64.b64encode(image).decode(), "variant": "exact_loo"}}
+        r = c.post(f"/models/{model_id}/influence", **loo)
+        assert r.status_code == 503 and r.json()["code"] == "leverages_building", r.text
+        assert f" of {num_train} training items" in r.json()["detail"]
+        assert int(r.headers["Retry-After"]) > 0
+        # Meanwhile uncertainty still answers (the stage yields its lock between batches).
+        assert c.post("/predict", **predict).status_code == 200
+        for _ in range(60):
+            r = c.post(f"/models/{model_id}/influence", **loo)
+            if r.status_code == 200:
+                break
+            # query_timeout: the leverages were done too close to this query's deadline.
+            assert r.json()["code"] in {"leverages_building", "query_timeout"}, r.text
+        assert r.status_code == 200 and r.json()["variant"] == "exact_loo", r.text
+        assert r.json()["proponents"] or r.json()["opponents"]
 
 
 def test_an_exact_query_past_its_deadline_is_a_503_and_stops(exact_service, digits_model):
