@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BASELINE_COMMIT = "170f0b9"  # the last commit before issue 13's first change
 SHOTS = 100
 THREADS = 2
+INPUT_SIZES = (64, 96, 128)  # 64: the protocol's and the baseline's; 96: a job's for 28 px
 
 _PROTOCOL_FINAL = {"method": "lqf", "suffix_blocks": 4, "probe_l2": 10.0,
                    "weight_decay": 1e-3, "val_fraction": 0.0, "image_size": 64}
@@ -93,7 +94,9 @@ def child(spec_path: Path) -> None:
     if size is None:  # today's rule for these 28 px images
         size = backbone.auto_image_size([28])
     data = torch.load(spec["data"])
-    x = _resize(data["images"], size, backbone.mean, backbone.std)
+    if size not in data["inputs"]:
+        raise SystemExit(f"no inputs at {size} px (the parent wrote {sorted(data['inputs'])})")
+    x = data["inputs"][size]
     started = time.monotonic()
     model = train_model(x, data["labels"], data["class_names"], config, backbone=backbone)
     seconds = time.monotonic() - started
@@ -102,19 +105,6 @@ def child(spec_path: Path) -> None:
     print(json.dumps({"seconds": seconds, "train_seconds": model.metrics.get("train_seconds"),
                       "image_size": size, "lqf_core": str(Path(lqf_core.__file__).parent),
                       "info": info}))
-
-
-def _resize(images: Any, size: int, mean: Sequence[float], std: Sequence[float]) -> Any:
-    """uint8 (n, 28, 28) -> normalised RGB (n, 3, size, size), as bench.fashion_mnist does."""
-    import torch
-
-    x = images.float().div(255).unsqueeze(1)
-    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear",
-                                        align_corners=False, antialias=True)
-    x = x.expand(-1, 3, -1, -1)
-    m = torch.tensor(mean).view(1, 3, 1, 1)
-    s = torch.tensor(std).view(1, 3, 1, 1)
-    return ((x - m) / s).contiguous()
 
 
 # --- The parent ---------------------------------------------------------------------------
@@ -200,14 +190,16 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     import torch
 
-    from bench.fashion_mnist import CLASS_NAMES, few_shot_indices, load_split
+    from bench.fashion_mnist import CLASS_NAMES, few_shot_indices, load_split, to_tensor
     from bench.transfer import machine_info
+    from lqf_core.backbones import load_backbone
 
     variants = [v for v in args.variants if not (args.no_finetune and v == "finetune")]
     command = " ".join(["python -m bench.fit_time", *(sys.argv[1:] if argv is None else argv)])
     git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
                          capture_output=True, text=True, check=True).stdout.strip()
     x_pool, y_pool = load_split("train")
+    backbone = load_backbone("mobilenet_v2")
     records: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -218,8 +210,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             for seed in args.seeds:
                 idx = few_shot_indices(y_pool, SHOTS, seed)
                 data = workdir / f"data-{seed}.pt"
-                torch.save({"images": torch.from_numpy(x_pool[idx].copy()),
-                            "labels": y_pool[idx].tolist(), "class_names": CLASS_NAMES}, data)
+                # Every input size a variant may use, made once by this tree's code, so
+                # both trees fit the same tensors.
+                inputs = {size: to_tensor(x_pool[idx], size, backbone.mean, backbone.std)
+                          for size in INPUT_SIZES}
+                torch.save({"inputs": inputs, "labels": y_pool[idx].tolist(),
+                            "class_names": CLASS_NAMES}, data)
                 for name in variants:
                     result = run_variant(name, trees[VARIANTS[name][0]], data, seed, workdir)
                     records.append({"variant": name, "seed": seed, **result})
