@@ -61,13 +61,13 @@ DEADLINE_GRACE_S = 1.0
 # single items cost twice as much per item).
 LEVERAGE_BATCH_WORK = 40_000
 LEVERAGE_PAUSE_S = 0.05
+log = logging.getLogger("lqf.api")
+T = TypeVar("T")
 
 
 def leverage_batch(num_classes: int) -> int:
     """Training items per step of the leverages' stage."""
     return max(1, min(32, LEVERAGE_BATCH_WORK // num_classes**2))
-log = logging.getLogger("lqf.api")
-T = TypeVar("T")
 
 
 def image_url(dataset_id: str, item_id: int) -> str:
@@ -90,6 +90,7 @@ class PosteriorEntry:
     leverages_task: asyncio.Future[None] | None = None
     leverages_deadline: Deadline | None = None
     leverages_done: int = 0  # training items whose leverages are computed
+    retired: bool = False  # evicted or dropped from the cache: start nothing more for it
 
     @property
     def solver(self) -> str:
@@ -277,6 +278,7 @@ class PosteriorCache:
         """The entry's K-FAC leverages in the background, a batch of items at a time
         under its lock, so queries of the served entry run in between."""
         limit = entry.leverages_deadline = Deadline(self.settings.posterior_build_timeout_s)
+        entry.leverages_done = 0
 
         def compute() -> None:
             started = time.monotonic()
@@ -304,8 +306,12 @@ class PosteriorCache:
         """Wait, up to `deadline`, for the entry's leverages (leave-one-out influence and
         closed-form mislabel scores need them); past it a 503 `leverages_building`."""
         task = entry.leverages_task
-        if task is None or task.done():
-            return  # not needed, done, or failed: the query computes them itself
+        if task is None or not entry.posterior.needs_kfac_leverages:
+            return  # not needed, or done
+        if task.done() and not entry.retired:  # it failed or was stopped: start it again
+            self._start_leverages(model_id, entry)
+            task = entry.leverages_task
+            assert task is not None
         try:
             await asyncio.wait_for(asyncio.shield(task), deadline.remaining())
         except TimeoutError:
@@ -315,7 +321,7 @@ class PosteriorCache:
                                 "uncertainty and first-order influence answer meanwhile; "
                                 "retry in a few seconds", "leverages_building",
                            headers={"Retry-After": "10"}) from None
-        except Exception:  # a failed stage: the query computes them itself
+        except Exception:  # it failed again at once: the query computes them itself
             return
 
     async def run(self, deadline: Deadline, fn: Callable[..., T], *args: Any,
@@ -343,14 +349,18 @@ class PosteriorCache:
                 "are slow"), "query_timeout") from None
 
     @staticmethod
-    async def _dropped(entry: PosteriorEntry) -> None:
+    def _retire(entry: PosteriorEntry) -> None:
+        entry.retired = True
         if entry.leverages_deadline is not None:
             entry.leverages_deadline.expire()  # its leverages stop at the next batch
 
+    async def _dropped(self, entry: PosteriorEntry) -> None:
+        self._retire(entry)
+
     def evict(self, model_id: str) -> None:
         entry = self._entries.evict(model_id)
-        if entry is not None and entry.leverages_deadline is not None:
-            entry.leverages_deadline.expire()
+        if entry is not None:
+            self._retire(entry)
         build = self._builds.pop(model_id, None)
         if build is not None:
             build.deadline.expire()  # a deleted model's build stops at its next poll
