@@ -98,11 +98,11 @@ def scan(zf: zipfile.ZipFile, limits: Limits, label_from: LabelFrom = LabelFrom.
     if len(csvs) > 1:
         raise ApiError(422, f"archive holds {len(csvs)} labels.csv files, expected at most one",
                        "invalid_archive")
+    warnings: list[str] = []  # a labels.csv names its labels: no folder warnings
     if csvs:
-        entries, warnings = _from_csv(zf, csvs[0], images), []
+        entries = _from_csv(zf, csvs[0], images)
     else:
-        entries = _from_folders(images, label_from)
-        warnings = _folder_warnings(entries) if label_from == LabelFrom.PARENT else []
+        entries, warnings = _from_folders(images, label_from)
     if not entries:
         raise ApiError(422, "archive holds no images (accepted: "
                             f"{', '.join(IMAGE_SUFFIXES)})", "no_images")
@@ -133,16 +133,18 @@ def _wrapper(folder_lists: list[tuple[str, ...]]) -> tuple[str, ...]:
     return first[:depth]
 
 
-def _from_folders(images: list[zipfile.ZipInfo], label_from: LabelFrom) -> list[ArchiveEntry]:
-    for info in images:
-        if not _folders(info.filename):
+def _from_folders(images: list[zipfile.ZipInfo], label_from: LabelFrom
+                  ) -> tuple[list[ArchiveEntry], list[str]]:
+    """Label each image by its folders -> (entries, warnings)."""
+    folder_lists = [_folders(i.filename) for i in images]
+    for info, folders in zip(images, folder_lists, strict=True):
+        if not folders:
             raise ApiError(422, f"image {info.filename!r} is at the archive root: put each "
                                 "class in its own folder, or add a labels.csv", "missing_label")
-    wrapper = _wrapper([_folders(i.filename) for i in images]) if images else ()
-    one_folder = all(_folders(i.filename) == wrapper for i in images)
+    wrapper = _wrapper(folder_lists) if images else ()
+    one_folder = all(folders == wrapper for folders in folder_lists)
     entries = []
-    for info in images:
-        folders = _folders(info.filename)
+    for info, folders in zip(images, folder_lists, strict=True):
         if label_from == LabelFrom.PARENT:
             label = folders[-1]
         elif len(folders) > len(wrapper):
@@ -154,19 +156,18 @@ def _from_folders(images: list[zipfile.ZipInfo], label_from: LabelFrom) -> list[
                                 "one (label_from=top: the class is the first folder below "
                                 f"{'/'.join(wrapper)!r})", "missing_label")
         entries.append(ArchiveEntry(info.filename, _check_label(label, info.filename), info))
-    return entries
+    warnings = (_folder_warnings(entries, folder_lists, wrapper)
+                if label_from == LabelFrom.PARENT else [])
+    return entries, warnings
 
 
-def _folder_warnings(entries: list[ArchiveEntry]) -> list[str]:
+def _folder_warnings(entries: list[ArchiveEntry], folder_lists: list[tuple[str, ...]],
+                     wrapper: tuple[str, ...]) -> list[str]:
     """Parent-folder labels that look like subfolders of the real classes: one label found
     under several top-level folders (cats/2019, dogs/2019), unless those folders are
     splits (train/cat, test/cat). Stored as labelled; the warning says how to relabel."""
-    if not entries:
-        return []
-    wrapper = _wrapper([_folders(e.name) for e in entries])
     tops: dict[str, set[str]] = {}
-    for e in entries:
-        folders = _folders(e.name)
+    for e, folders in zip(entries, folder_lists, strict=True):
         if len(folders) > len(wrapper) + 1:  # a folder between the top and the label's
             tops.setdefault(e.label, set()).add(folders[len(wrapper)])
     spread = {label: sorted(t) for label, t in tops.items() if len(t) > 1

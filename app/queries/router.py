@@ -72,10 +72,9 @@ async def influence(model_id: str, request: Request, tenant: Tenant,
     record = await run_in_threadpool(get_record, store, tenant, model_id)  # 404 first
     body = await parse_image_body(request, INFLUENCE_BODY, max_images=1)
     options = body.options
-    entry = await posteriors.get(store, record, request.app.state.predictors, deadline)
     exact_loo = options.variant == Variant.EXACT_LOO
-    if exact_loo:
-        await posteriors.leverages(record["id"], entry, deadline)
+    entry = await posteriors.get(store, record, request.app.state.predictors, deadline,
+                                 leverages=exact_loo)
     x: torch.Tensor = await run_in_threadpool(prepare, entry.predictor, body.images)
     out = await posteriors.run(deadline, entry.influence, x, options.top_k, exact_loo,
                                deadline)
@@ -196,8 +195,8 @@ async def self_influence(
     if method == SelfInfluenceMethod.LEVERAGE:
         posteriors = request.app.state.posteriors
         deadline = posteriors.deadline()
-        entry = await posteriors.get(store, record, request.app.state.predictors, deadline)
-        await posteriors.leverages(model_id, entry, deadline)
+        entry = await posteriors.get(store, record, request.app.state.predictors, deadline,
+                                     leverages=True)
         items, total = await posteriors.run(deadline, entry.self_influence, limit, deadline)
         return SelfInfluenceResponse(model_id=model_id, model_version=model_version,
                                      method=method, solver=entry.self_influence_solver,

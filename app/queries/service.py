@@ -86,7 +86,7 @@ class PosteriorEntry:
     lock: threading.Lock = field(default_factory=threading.Lock)
     _head: HeadPosterior | None = None  # for ranking: computed on first use
     # The K-FAC leverages (leave-one-out answers), the build's second stage: computed a
-    # batch of items at a time after the entry is served (PosteriorCache.leverages).
+    # batch of items at a time after the entry is served (PosteriorCache._leverages).
     leverages_task: asyncio.Future[None] | None = None
     leverages_deadline: Deadline | None = None
     leverages_done: int = 0  # training items whose leverages are computed
@@ -224,9 +224,17 @@ class PosteriorCache:
         return Deadline(self.settings.query_timeout_s)
 
     async def get(self, store: ArtifactStore, record: ModelRecord, predictors: PredictorCache,
-                  deadline: Deadline) -> PosteriorEntry:
+                  deadline: Deadline, leverages: bool = False) -> PosteriorEntry:
         """The model's posterior: cached, or from its build (started if none runs),
-        waited for up to `deadline`; past it a 503 `posterior_building`."""
+        waited for up to `deadline`; past it a 503 `posterior_building`. `leverages`:
+        for a leave-one-out answer, also wait for its leverages (503 `leverages_building`)."""
+        entry = await self._built(store, record, predictors, deadline)
+        if leverages:
+            await self._leverages(record["id"], entry, deadline)
+        return entry
+
+    async def _built(self, store: ArtifactStore, record: ModelRecord,
+                     predictors: PredictorCache, deadline: Deadline) -> PosteriorEntry:
         require_lqf(record)
         model_id = record["id"]
 
@@ -301,8 +309,8 @@ class PosteriorCache:
         future.add_done_callback(lambda f: f.cancelled() or f.exception())
         entry.leverages_task = future
 
-    async def leverages(self, model_id: str, entry: PosteriorEntry,
-                        deadline: Deadline) -> None:
+    async def _leverages(self, model_id: str, entry: PosteriorEntry,
+                         deadline: Deadline) -> None:
         """Wait, up to `deadline`, for the entry's leverages (leave-one-out influence and
         closed-form mislabel scores need them); past it a 503 `leverages_building`."""
         task = entry.leverages_task

@@ -224,8 +224,8 @@ async def review(request: Request, model_ref: str, session: UiSession, store: Ar
         posteriors = request.app.state.posteriors
         deadline = posteriors.deadline()
         try:
-            entry = await posteriors.get(store, record, request.app.state.predictors, deadline)
-            await posteriors.leverages(record["id"], entry, deadline)
+            entry = await posteriors.get(store, record, request.app.state.predictors, deadline,
+                                         leverages=True)
             items, _ = await posteriors.run(deadline, entry.self_influence, limit, deadline)
             context.update(items=items, method=f"closed-form leave-one-out residual "
                                                f"({entry.self_influence_solver})")
