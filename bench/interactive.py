@@ -11,8 +11,10 @@ Starts the service as `make serve` does (app.launcher), uploads the images, trai
      factors, the OOD reference);
   2. `POST /predict` of 64 images, without and with `uncertainty=true`;
   3. `POST /models/{id}/influence` of one image (first order, and exact leave-one-out);
-  4. `GET /models/{id}/self-influence?method=leverage`: the first call computes every
-     training item's leverage; a second call is served from the cache;
+  4. `GET /models/{id}/self-influence?method=leverage`: the first call waits for every
+     training item's leverage (the build's second stage, which runs in the background
+     during 2 and 3); exact leave-one-out influence, then 2 and 3 again once the leverages
+     are in; a second leverage call is served from the cache;
   5. `POST /models/{id}/rank` of 64 images for a batch of 10.
 Repeated requests report the median and the maximum. Writes
 `docs/results/interactive.{json,md}`.
@@ -130,6 +132,9 @@ def measure(client: httpx.Client, model_id: str, images: list[bytes]) -> dict[st
     print("first leverage request (every training item's leverage) ...", flush=True)
     timings["first_leverage_request_s"] = round(timed(leverage)[1], 2)
     timings["influence_exact_loo"] = repeated(influence("exact_loo"))
+    # The same requests again now that the leverages' stage no longer shares the posterior.
+    timings["predict_64_uncertainty_after_leverages"] = repeated(predict(64, True))
+    timings["influence_first_order_after_leverages"] = repeated(influence("first_order"))
     timings["leverage_cached"] = repeated(leverage)
     timings["rank_10_of_64"] = repeated(rank)
     return timings
@@ -159,6 +164,11 @@ def markdown(result: dict[str, Any]) -> str:
              t["first_leverage_request_s"], ""),
             ("`/influence`, exact_loo (leverages cached)", t["influence_exact_loo"]["median_s"],
              t["influence_exact_loo"]["max_s"]),
+            *[(f"{name}, after the leverages", t[key]["median_s"], t[key]["max_s"])
+              for name, key in (("`/predict`, 64 images, uncertainty",
+                                 "predict_64_uncertainty_after_leverages"),
+                                ("`/influence`, first order",
+                                 "influence_first_order_after_leverages")) if key in t],
             ("`/self-influence?method=leverage`, cached", t["leverage_cached"]["median_s"],
              t["leverage_cached"]["max_s"]),
             ("`/models/{id}/rank`, 10 of 64 images", t["rank_10_of_64"]["median_s"],

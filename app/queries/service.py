@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +45,7 @@ from app.errors import ApiError
 from app.models.service import require_lqf
 from app.predict.service import Loaded, PredictorCache
 from app.queries.deadline import Deadline
+from app.queries.priority import QueryFirstLock
 from lqf_core.active import HeadPosterior, Ranking, SignalNet, head_posterior_of, select_batch
 from lqf_core.errors import Cancelled
 from lqf_core.posterior import LQFPosterior
@@ -55,12 +55,12 @@ from state.artifacts import ArtifactStore
 from state.records import ItemsGone, ModelRecord, item_ids_of
 
 DEADLINE_GRACE_S = 1.0
-# The leverages' stage holds a posterior's lock for one batch of items at a time, so a
-# query waits at most that long. A batch's cost grows with C^2 (C backward passes and
-# C x C forms per item): 32 items at up to 35 classes, 3 at 101 (about 2 s on 2 cores;
-# single items cost twice as much per item).
-LEVERAGE_BATCH_WORK = 40_000
-LEVERAGE_PAUSE_S = 0.05
+# The leverages' stage holds a posterior's lock for one batch of items at a time, and
+# queries go first (QueryFirstLock), so a query waits at most for the batch in progress.
+# A batch's cost grows with C^2 (C backward passes and C x C forms per item); per item it
+# is flat from 8 items up (2-core AMD EPYC, C = 10: 17 ms an item, 0.13 s a batch of 8).
+# So 8 items at 10 classes, 2 at 20, one from 29 (a single item of 101 classes: ~1 s).
+LEVERAGE_BATCH_WORK = 800
 log = logging.getLogger("lqf.api")
 T = TypeVar("T")
 
@@ -83,7 +83,7 @@ class PosteriorEntry:
     item_ids: list[int]
     labels: list[str]  # given label of each training item
     exact: bool
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: QueryFirstLock = field(default_factory=QueryFirstLock)
     _head: HeadPosterior | None = None  # for ranking: computed on first use
     # The K-FAC leverages (leave-one-out answers), the build's second stage: computed a
     # batch of items at a time after the entry is served (PosteriorCache._leverages).
@@ -106,7 +106,7 @@ class PosteriorEntry:
 
     # -- queries (blocking: run in the executor) ----------------------------------------
     def uncertainty(self, x: torch.Tensor, deadline: Deadline) -> list[dict[str, Any]]:
-        with self.lock, self.posterior.interruptible(deadline.passed):
+        with self.lock.query(), self.posterior.interruptible(deadline.passed):
             u = self.posterior.uncertainty(self.features(x, deadline), exact=self.exact)
         names = self.class_names
         out = []
@@ -125,7 +125,7 @@ class PosteriorEntry:
 
     def influence(self, x: torch.Tensor, top_k: int, exact_loo: bool,
                   deadline: Deadline) -> dict[str, Any]:
-        with self.lock, self.posterior.interruptible(deadline.passed):
+        with self.lock.query(), self.posterior.interruptible(deadline.passed):
             inf = self.posterior.influence(self.features(x[:1]), exact=self.exact,
                                            with_loo=exact_loo)
         scores = (inf.exact if exact_loo and inf.exact is not None else inf.first_order)
@@ -141,7 +141,7 @@ class PosteriorEntry:
 
     def rank(self, x: torch.Tensor, batch_size: int, deadline: Deadline) -> Ranking:
         """The images of x to label next (lqf_core.active.select_batch)."""
-        with self.lock:
+        with self.lock.query():
             if self._head is None:
                 self._head = head_posterior_of(self.posterior)
             z_pool = self.features(x, deadline).to(self.posterior.problem.z)
@@ -149,7 +149,7 @@ class PosteriorEntry:
             return select_batch(self._head, pool, batch_size, should_stop=deadline.passed)
 
     def self_influence(self, limit: int, deadline: Deadline) -> tuple[list[dict[str, Any]], int]:
-        with self.lock, self.posterior.interruptible(deadline.passed):
+        with self.lock.query(), self.posterior.interruptible(deadline.passed):
             scores, loo_labels = self.posterior.self_influence(exact=self.exact)
         scores = scores.detach().double().cpu()
         order = torch.argsort(scores, descending=True)[:limit]
@@ -292,14 +292,12 @@ class PosteriorCache:
             started = time.monotonic()
             steps = entry.posterior.kfac_leverage_steps(leverage_batch(len(entry.class_names)))
             while True:
-                with entry.lock, entry.posterior.interruptible(limit.passed):
+                with entry.lock.background(limit.passed), \
+                        entry.posterior.interruptible(limit.passed):
                     done = next(steps, None)
                 if done is None:
                     break
                 entry.leverages_done = done
-                # A lock is not fair: without a pause this thread takes it straight back
-                # and a waiting query starves.
-                time.sleep(LEVERAGE_PAUSE_S)
             log.info("posterior leverages computed", extra={
                 "model_id": model_id, "items": entry.posterior.n,
                 "seconds": round(time.monotonic() - started, 2)})
