@@ -48,7 +48,7 @@ from torch import nn
 from lqf_core.backbones import Backbone
 from lqf_core.classifier import lqf_network
 from lqf_core.config import Method, Regularizer
-from lqf_core.data import ImageSource, open_image
+from lqf_core.data import ImageSource
 from lqf_core.errors import Cancelled, IncompatibleModelError, InvalidDataError
 from lqf_core.kfac import EXACT_OUTPUTS_LIMIT
 from lqf_core.linearize import LinearizedNet, batches
@@ -319,7 +319,7 @@ def image_signals(predictor: Predictor, images: Sequence[ImageSource],
     for start in range(0, len(images), POOL_CHUNK):
         _check(should_stop)
         chunk = images[start:start + POOL_CHUNK]
-        x = torch.stack([predictor.preprocess(open_image(image)) for image in chunk])
+        x = torch.stack([predictor.load_image(image) for image in chunk])
         z = prefix_features(prefix, x, predictor.device, should_stop).to(net.delta)
         parts.append(net(z, should_stop))
         if progress is not None:

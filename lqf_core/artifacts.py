@@ -117,8 +117,9 @@ def read_metadata(directory: str | Path) -> dict:
 
 # A saved config holds every field of its time. A field added later, whose default then
 # changed, must read as what that model was trained with, not as today's default: models
-# saved before the regularizer existed were fitted on the isotropic ridge.
-FIELDS_BEFORE_THEY_WERE_SAVED = {"regularizer": "isotropic"}
+# saved before the regularizer existed were fitted on the isotropic ridge, and those
+# saved before jpeg_decode decoded JPEGs in full.
+FIELDS_BEFORE_THEY_WERE_SAVED = {"regularizer": "isotropic", "jpeg_decode": "full"}
 
 
 def load_model(directory: str | Path) -> TrainedModel:

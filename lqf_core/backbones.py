@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lqf_core.config import JpegDecode
 from lqf_core.data import Preprocess
 from lqf_core.errors import UnknownBackboneError, WeightsNotFoundError
 
@@ -82,8 +83,9 @@ class Backbone:
     def num_feature_blocks(self) -> int:
         return len(self.blocks) - 1  # the last block is the pool
 
-    def preprocess(self, image_size: int) -> Preprocess:
-        return Preprocess(image_size, self.mean, self.std)
+    def preprocess(self, image_size: int,
+                   jpeg_decode: JpegDecode = JpegDecode.SCALED) -> Preprocess:
+        return Preprocess(image_size, self.mean, self.std, jpeg_decode)
 
     def split(self, suffix_blocks: int) -> tuple[nn.Sequential, nn.Sequential]:
         """(prefix, suffix): suffix = last `suffix_blocks` feature blocks + pool."""

@@ -69,13 +69,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from lqf_core.data import open_image
     from lqf_core.serving import Predictor
 
     predictor = Predictor.load(args.model, device=args.device,
                                weights_dir=weights_dirs(args.weights_dir))
-    images = [open_image(path) for path in args.images]
-    probs = predictor.predict_proba(images)
+    probs = predictor.predict_proba(args.images)
     for path, row in zip(args.images, probs, strict=True):
         label = predictor.class_names[int(row.argmax())]
         probabilities = {c: float(p) for c, p in zip(predictor.class_names, row, strict=True)}

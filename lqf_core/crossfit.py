@@ -129,7 +129,7 @@ def cross_fit_model(
     device = resolve_device(config.device)
     if backbone is None:
         backbone = load_backbone(config.backbone, weights_dir)
-    x = load_inputs(images, backbone, config.input_size, report)
+    x = load_inputs(images, backbone, config, report)
     prefix = backbone.split(config.suffix)[0].to(device)
     z = prefix_outputs(prefix, x, ids, prefix_cache, device, config.batch_size, report)
     y = torch.as_tensor(list(labels), dtype=torch.long)

@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lqf_core.data import open_image
 from lqf_core.errors import Cancelled
 from lqf_core.posterior import LQFPosterior
 from lqf_core.serving import Predictor
@@ -52,7 +51,7 @@ def prefix_features(prefix: nn.Module, x: torch.Tensor, device: torch.device,
 def image_features(predictor: Predictor, prefix: nn.Module, files: Sequence[Path],
                    should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
     """Prefix outputs of image files, preprocessed as the predictor does."""
-    x = torch.stack([predictor.preprocess(open_image(f)) for f in files])
+    x = torch.stack([predictor.load_image(f) for f in files])
     return prefix_features(prefix, x, predictor.device, should_stop)
 
 

@@ -17,7 +17,7 @@ from PIL import Image
 from lqf_core.artifacts import load_model, model_version, read_metadata
 from lqf_core.backbones import Backbone, WeightsDirs, load_backbone
 from lqf_core.classifier import build_classifier
-from lqf_core.data import ImageSource, open_image
+from lqf_core.data import ImageSource
 from lqf_core.device import resolve_device
 from lqf_core.model import TrainedModel
 
@@ -32,7 +32,8 @@ class Predictor:
         self.device = resolve_device(device)
         self.backbone = backbone or load_backbone(model.config.backbone, weights_dir)
         self.classifier = build_classifier(model, self.backbone, self.device)
-        self._preprocess = self.backbone.preprocess(model.config.input_size)
+        self._preprocess = self.backbone.preprocess(model.config.input_size,
+                                                    model.config.jpeg_decode)
         self.model_version = model_version
         self._lock = threading.Lock()
 
@@ -50,6 +51,11 @@ class Predictor:
         """RGB PIL image -> (3, s, s) input tensor."""
         return self._preprocess(image)
 
+    def load_image(self, source: ImageSource, name: str | None = None) -> torch.Tensor:
+        """An image (path, bytes or PIL image) decoded as the model was trained -> (3, s, s);
+        InvalidDataError if it cannot be."""
+        return self._preprocess.load(source, name)
+
     def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(n, 3, s, s) -> temperature-scaled logits (n, C) on the CPU."""
         with self._lock, torch.no_grad():
@@ -62,5 +68,5 @@ class Predictor:
 
     def predict_proba(self, images: Sequence[ImageSource]) -> np.ndarray:
         """Images (PIL / path / bytes) -> class probabilities (n, C)."""
-        x = torch.stack([self.preprocess(open_image(img)) for img in images])
+        x = torch.stack([self.load_image(img) for img in images])
         return self.predict_batch(x)

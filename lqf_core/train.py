@@ -165,11 +165,12 @@ def _held_out_record(split: str, item_ids: list[str], logits: torch.Tensor) -> d
 
 
 def load_inputs(images: Sequence[ImageSource] | torch.Tensor, backbone: Backbone,
-                image_size: int, report: Reporter) -> torch.Tensor:
-    """Images -> the backbone's preprocessed tensor (n, 3, s, s); tensors pass through."""
+                config: TrainConfig, report: Reporter) -> torch.Tensor:
+    """Images -> the backbone's preprocessed tensor (n, 3, s, s) at config's input size and
+    JPEG decoding; tensors pass through."""
     if isinstance(images, torch.Tensor):
         return images if images.dtype == torch.float64 else images.float()
-    preprocess = backbone.preprocess(image_size)
+    preprocess = backbone.preprocess(config.input_size, config.jpeg_decode)
     rows = []
     for i, image in enumerate(images):
         rows.append(preprocess.batch([image])[0])
@@ -308,7 +309,7 @@ def fit_shard(backbone: Backbone, images: Sequence[ImageSource] | torch.Tensor,
     sent its share): load its items, then `_fit_rank`. `config` is rank 0's, resolved."""
     report = Reporter(None, None)
     device = resolve_device(config.device)
-    x = load_inputs(images, backbone, config.input_size, report)
+    x = load_inputs(images, backbone, config, report)
     _fit_rank(shard, backbone, x, torch.as_tensor(labels, dtype=torch.long), num_classes,
               config, device, report, warm_start)
 
@@ -362,7 +363,7 @@ def _train_lqf_on_ranks(backbone: Backbone, images: Sequence[ImageSource] | torc
     started = time.monotonic()
     with ranks(world, device, helpers, remote,
                "127.0.0.1" if launcher is None else launcher.host) as shard:
-        x = load_inputs(_subset(images, parts[0]), backbone, config.input_size, report)
+        x = load_inputs(_subset(images, parts[0]), backbone, config, report)
         y = torch.as_tensor([labels[i] for i in parts[0]], dtype=torch.long)
         tensors, info, correct = _fit_rank(shard, backbone, x, y, num_classes, config, device,
                                            report, warm_start)
@@ -433,10 +434,10 @@ def train_model(
     distributed = config.method == Method.LQF and config.workers > 1
     if distributed:  # each rank loads its own share of the training images
         x_fit = torch.empty(0)
-        x_val = load_inputs(_subset(images, val_idx.tolist()), backbone, config.input_size,
+        x_val = load_inputs(_subset(images, val_idx.tolist()), backbone, config,
                             report)
     else:
-        x = load_inputs(images, backbone, config.input_size, report)
+        x = load_inputs(images, backbone, config, report)
         x_fit, x_val = x[fit_idx], x[val_idx]
     y_fit, y_val = y[fit_idx], y[val_idx]
     info: dict = {

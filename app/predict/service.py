@@ -21,7 +21,6 @@ from app.config import Settings, get_settings
 from app.errors import ApiError
 from app.predict.batcher import MicroBatcher
 from app.predict.inference import InferencePool, pool_shape
-from lqf_core.data import open_image
 from lqf_core.serving import Predictor
 from state.artifacts import ArtifactStore
 
@@ -132,7 +131,7 @@ async def prepare_async(predictor: Predictor, images: list[tuple[str, bytes]]) -
 
 def prepare(predictor: Predictor, images: list[tuple[str, bytes]]) -> torch.Tensor:
     # InvalidDataError (undecodable, bomb) names the image and becomes a 422.
-    return torch.stack([predictor.preprocess(open_image(data, name=name))
+    return torch.stack([predictor.load_image(data, name=name)
                         for name, data in images])
 
 

@@ -21,7 +21,6 @@ from app.ui.evaluation import Evaluation, evaluate, evaluation_of
 from app.ui.web import UiSession, check_csrf, redirect, render
 from lqf_core.artifacts import read_metadata
 from lqf_core.config import Method
-from lqf_core.data import open_image
 from state.artifacts import SELF_INFLUENCE_FILE, read_json
 from state.records import ModelRecord
 from state.registry import Registry, RegistryError
@@ -146,8 +145,8 @@ def _item_tensor(store: Artifacts, record: ModelRecord, predictor: Any,
     manifest = store.manifest(record["dataset_id"])
     root = store.dataset_dir(record["dataset_id"])
     files = {it.id: root / it.file for it in manifest.items}
-    return torch.stack([predictor.preprocess(open_image(files[int(i)].read_bytes(),
-                                                        name=str(i))) for i in item_ids])
+    return torch.stack([predictor.load_image(files[int(i)].read_bytes(), name=str(i))
+                        for i in item_ids])
 
 
 # -- try it -----------------------------------------------------------------------------

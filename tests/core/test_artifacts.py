@@ -52,11 +52,13 @@ def test_loaded_metadata_round_trips(tmp_path, data):
     # the solver settings it ran with are recorded, not left to a later default
     assert (meta["config"]["regularizer"], meta["config"]["tol"]) == ("kfac", 1e-4)
     assert model.info["solver_converged"]
+    assert meta["config"]["jpeg_decode"] == "scaled"
     # a model saved before the regularizer (and the model version) was recorded was
-    # fitted on the isotropic ridge
-    del meta["config"]["regularizer"], meta["model_version"]
+    # fitted on the isotropic ridge, and one saved before jpeg_decode decoded in full
+    del meta["config"]["regularizer"], meta["config"]["jpeg_decode"], meta["model_version"]
     (tmp_path / "model.json").write_text(json.dumps(meta))
-    assert load_model(tmp_path).config.regularizer == "isotropic"
+    old = load_model(tmp_path).config
+    assert (old.regularizer, old.jpeg_decode) == ("isotropic", "full")
 
 
 def test_corrupt_or_foreign_artifacts_fail_clearly(tmp_path, data):

@@ -96,3 +96,50 @@ def test_a_pil_image_given_directly_is_read_by_the_same_rules():
     sticker.paste((200, 0, 0, 255), (2, 2, 6, 6))
     preprocess = Preprocess(8, IMAGENET_MEAN, IMAGENET_STD)
     assert torch.equal(preprocess(sticker), preprocess(open_image(_encoded(sticker))))
+
+
+def _photo(width: int, height: int) -> Image.Image:
+    """Smooth gradients and a little noise: a photo's statistics, at any size."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
+    pixels = np.stack([127 + 100 * np.sin(xx / width * 6), 127 + 100 * np.cos(yy / height * 5),
+                       127 + 60 * np.sin((xx + yy) / (width + height) * 9)], axis=-1)
+    pixels += np.random.default_rng(0).normal(0, 4, pixels.shape)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def test_a_large_jpeg_decodes_at_the_smallest_scale_that_covers_the_input_size():
+    data = _encoded(_photo(1600, 1200), "JPEG", quality=90)
+    assert open_image(data).size == (1600, 1200)
+    assert open_image(data, jpeg_min_size=128).size == (200, 150)  # 1/8
+    assert open_image(data, jpeg_min_size=200).size == (400, 300)  # 1/4: 1/8 is too small
+    assert open_image(data, jpeg_min_size=1200).size == (1600, 1200)
+    png = _encoded(_photo(400, 300))
+    assert open_image(png, jpeg_min_size=64).size == (400, 300)  # only JPEGs have scales
+
+
+def test_the_scaled_decode_gives_the_model_nearly_the_same_input():
+    """What the network sees from a scaled decode differs from a full decode by a fraction
+    of one 8-bit level on average (both are resized to the input size after)."""
+    data = _encoded(_photo(1600, 1200), "JPEG", quality=90)
+    scaled = Preprocess(128, IMAGENET_MEAN, IMAGENET_STD).load(data)
+    full = Preprocess(128, IMAGENET_MEAN, IMAGENET_STD, jpeg_decode="full").load(data)
+    level = 1 / 255 / min(IMAGENET_STD)  # one 8-bit level, normalised
+    assert not torch.equal(scaled, full)
+    assert float((scaled - full).abs().mean()) < 0.5 * level
+    assert float((scaled - full).abs().max()) < 8 * level
+
+
+def test_short_sides_come_from_the_headers():
+    from lqf_core.data import short_sides
+
+    images = [_encoded(_photo(300, 200), "JPEG"), _encoded(_photo(50, 90)), b"not an image"]
+    assert short_sides(images) == [200, 50]
+
+
+def test_a_truncated_jpeg_is_refused_at_any_scale():
+    from lqf_core.errors import InvalidDataError
+
+    data = _encoded(_photo(800, 600), "JPEG", quality=90)
+    for scale in (None, 1):
+        with pytest.raises(InvalidDataError, match="not a readable image"):
+            open_image(data[: len(data) // 2], name="half.jpg", jpeg_min_size=scale)
