@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         np.asarray(by["full"][0]["predicted"]) == np.asarray(by["scaled"][0]["predicted"]))), 4)
     for r in runs:
         del r["predicted"]
-    result["summary"] = {d: {k: statistics.median(r[k] for r in rs)
+    result["summary"] = {d: {k: round(statistics.median(r[k] for r in rs), 4)
                              for k in ("job_s", "load_s", "predict_s", "accuracy")}
                          for d, rs in by.items()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
