@@ -28,7 +28,7 @@ def open_image(source: ImageSource, name: str | None = None,
 
     jpeg_min_size: decode a JPEG at the smallest of 1/1, 1/2, 1/4 or 1/8 scale whose
     sides are both at least this (libjpeg's DCT scaling, Pillow's draft mode). A 12 MP
-    photo that a model sees at 128 px then decodes about 6x faster (docs/method.md).
+    photo that a model sees at 128 px then loads 4.5x faster (docs/method.md).
 
     Grayscale is not expanded here: Preprocess resizes its one channel and repeats it,
     the same numbers as resizing three equal channels (tests/core/test_preprocess.py).
