@@ -60,6 +60,13 @@ def open_image(source: ImageSource, name: str | None = None,
         raise InvalidDataError(f"{label}: not a readable image ({exc})") from None
 
 
+def check_image(source: ImageSource, name: str | None = None) -> None:
+    """Raise InvalidDataError unless the image decodes (and is no decompression bomb). A
+    JPEG is checked at its smallest DCT scale: all of its coded data is still read (a
+    truncated file is refused), at a fraction of a full decode's time."""
+    open_image(source, name=name, jpeg_min_size=1)
+
+
 # The EXIF tag of the orientation; its values 2-8 ask for a transpose (1 is upright).
 _EXIF_ORIENTATION = 0x0112
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")

@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO
 
 from app.errors import ApiError
-from lqf_core.data import IMAGE_SUFFIXES, open_image
+from lqf_core.data import IMAGE_SUFFIXES, check_image
 from state.records import ManifestItem
 
 MAX_LABEL_LENGTH = 200
@@ -239,9 +239,7 @@ def extract(zf: zipfile.ZipFile, entries: list[ArchiveEntry], dest: Path,
         except (zipfile.BadZipFile, OSError, EOFError) as exc:
             raise ApiError(400, f"{entry.name}: corrupt archive member ({exc})",
                            "not_a_zip") from None
-        # Raises InvalidDataError -> 422. A JPEG is checked at its smallest DCT scale: all
-        # of its coded data is still read, at a fraction of the full decode's time.
-        open_image(data, name=entry.name, jpeg_min_size=1)
+        check_image(data, name=entry.name)  # raises InvalidDataError -> 422
         item_id = first_id + offset
         suffix = PurePosixPath(entry.name).suffix.lower()
         (dest / f"{item_id}{suffix}").write_bytes(data)

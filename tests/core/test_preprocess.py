@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from lqf_core.backbones import IMAGENET_MEAN, IMAGENET_STD
-from lqf_core.data import Preprocess, open_image
+from lqf_core.data import Preprocess, check_image, open_image, short_sides
+from lqf_core.errors import InvalidDataError
 
 
 def reference(image: Image.Image, size: int) -> torch.Tensor:
@@ -130,16 +131,13 @@ def test_the_scaled_decode_gives_the_model_nearly_the_same_input():
 
 
 def test_short_sides_come_from_the_headers():
-    from lqf_core.data import short_sides
-
     images = [_encoded(_photo(300, 200), "JPEG"), _encoded(_photo(50, 90)), b"not an image"]
     assert short_sides(images) == [200, 50]
 
 
 def test_a_truncated_jpeg_is_refused_at_any_scale():
-    from lqf_core.errors import InvalidDataError
-
     data = _encoded(_photo(800, 600), "JPEG", quality=90)
-    for scale in (None, 1):
+    check_image(data)
+    for check in (open_image, check_image):
         with pytest.raises(InvalidDataError, match="not a readable image"):
-            open_image(data[: len(data) // 2], name="half.jpg", jpeg_min_size=scale)
+            check(data[: len(data) // 2], name="half.jpg")

@@ -11,7 +11,7 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
-from lqf_core.data import IMAGE_SUFFIXES, open_image
+from lqf_core.data import IMAGE_SUFFIXES, check_image
 from lqf_core.errors import InvalidDataError
 from state.connections import Connection
 from worker.lifecycle import JobFailure
@@ -69,7 +69,7 @@ def fetch_image(client: httpx.Client, base: str, source: str, task_id: Any) -> t
     if suffix.lower() not in IMAGE_SUFFIXES:
         suffix = ".png"
     try:
-        open_image(data, name=where)  # decodable, not a decompression bomb
+        check_image(data, name=where)  # decodable, not a decompression bomb
     except InvalidDataError as exc:
         raise JobFailure("invalid_data", str(exc)) from None
     return data, suffix.lower()
