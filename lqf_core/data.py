@@ -19,6 +19,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 MAX_IMAGE_PIXELS = 50_000_000
 
 ImageSource = Image.Image | str | Path | bytes
+# MPO: the JPEG of many phone cameras, with more pictures (depth, a preview) appended.
+_JPEG_FORMATS = ("JPEG", "MPO")
 
 
 def open_image(source: ImageSource, name: str | None = None,
@@ -46,7 +48,7 @@ def open_image(source: ImageSource, name: str | None = None,
                         f"{label}: {img.width}x{img.height} pixels exceeds the limit of "
                         f"{MAX_IMAGE_PIXELS}"
                     )
-                if jpeg_min_size is not None and img.format == "JPEG":
+                if jpeg_min_size is not None and img.format in _JPEG_FORMATS:
                     img.draft(None, (jpeg_min_size, jpeg_min_size))
                 img.load()
                 return _rgb_or_gray(img)

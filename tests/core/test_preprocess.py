@@ -114,6 +114,8 @@ def test_a_large_jpeg_decodes_at_the_smallest_scale_that_covers_the_input_size()
     assert open_image(data, jpeg_min_size=128).size == (200, 150)  # 1/8
     assert open_image(data, jpeg_min_size=200).size == (400, 300)  # 1/4: 1/8 is too small
     assert open_image(data, jpeg_min_size=1200).size == (1600, 1200)
+    mpo = _encoded(_photo(1600, 1200), "MPO", save_all=True, append_images=[_photo(320, 240)])
+    assert open_image(mpo, jpeg_min_size=128).size == (200, 150)  # a phone's multi-picture JPEG
     png = _encoded(_photo(400, 300))
     assert open_image(png, jpeg_min_size=64).size == (400, 300)  # only JPEGs have scales
 
