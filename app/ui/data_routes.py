@@ -16,6 +16,7 @@ from app.jobs.router import job_events
 from app.jobs.schemas import JobCreate
 from app.models.service import get_record
 from app.ui import curves
+from app.ui.thumbnails import thumbnail
 from app.ui.web import UiSession, check_csrf, redirect, render
 from app.uploads import check_upload
 from lqf_core.artifacts import read_metadata
@@ -73,12 +74,23 @@ def dataset_detail(request: Request, dataset_id: str, session: UiSession, store:
     }, session=session)
 
 
+IMAGE_HEADERS = {"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"}
+
+
 @router.get("/datasets/{dataset_id}/items/{item_id}/image", response_class=FileResponse)
 def item_image(dataset_id: str, item_id: int, session: UiSession,
                store: Artifacts) -> FileResponse:
     path = datasets.item_file(store, session.tenant, dataset_id, item_id)
-    return FileResponse(path, headers={"Cache-Control": "private, max-age=3600",
-                                       "X-Content-Type-Options": "nosniff"})
+    return FileResponse(path, headers=IMAGE_HEADERS)
+
+
+@router.get("/datasets/{dataset_id}/items/{item_id}/thumbnail", response_class=Response,
+            responses={200: {"content": {"image/jpeg": {}, "image/png": {}}}})
+def item_thumbnail(dataset_id: str, item_id: int, session: UiSession,
+                   store: Artifacts) -> Response:
+    path = datasets.item_file(store, session.tenant, dataset_id, item_id)
+    body, media_type = thumbnail(path)
+    return Response(body, media_type=media_type, headers=IMAGE_HEADERS)
 
 
 @router.post("/datasets/{dataset_id}/train")

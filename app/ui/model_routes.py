@@ -18,6 +18,7 @@ from app.models.service import get_record, require_lqf
 from app.predict import service as predict_service
 from app.ui.charts import reliability_diagram
 from app.ui.evaluation import Evaluation, evaluate, evaluation_of
+from app.ui.thumbnails import TRY_SIDE, thumbnail
 from app.ui.web import UiSession, check_csrf, redirect, render
 from lqf_core.artifacts import read_metadata
 from lqf_core.config import Method
@@ -38,7 +39,7 @@ QUERY_UNAVAILABLE = {"posterior_building", "leverages_building", "query_timeout"
 
 
 def item_image_url(dataset_id: str, item_id: int) -> str:
-    return f"/ui/datasets/{dataset_id}/items/{item_id}/image"
+    return f"/ui/datasets/{dataset_id}/items/{item_id}/thumbnail"
 
 
 def _name_entry(store: Artifacts, tenant: str, record: ModelRecord) -> Any:
@@ -173,7 +174,7 @@ async def try_image(request: Request, model_ref: str, session: UiSession, store:
     x = await run_in_threadpool(predict_service.prepare, loaded.predictor, [(name, data)])
     prediction = (await predict_service.predict(loaded, x, TRY_TOP_K))[0]
     result: dict[str, Any] = {"prediction": prediction, "image_name": name,
-                              "image_data": _data_url(data, file.content_type)}
+                              "image_data": await run_in_threadpool(_data_url, data)}
     if record["method"] == Method.LQF.value:
         try:
             entry = await posteriors.get(store, record, predictors, deadline)
@@ -194,11 +195,11 @@ async def try_image(request: Request, model_ref: str, session: UiSession, store:
     return render(request, "try.html", {"model": record, "result": result}, session=session)
 
 
-def _data_url(data: bytes, content_type: str | None) -> str | None:
-    """The uploaded image, shown back beside its answer; only image types are embedded."""
-    if not content_type or not content_type.startswith("image/") or len(data) > 4 << 20:
-        return None
-    return f"data:{content_type};base64,{base64.b64encode(data).decode()}"
+def _data_url(data: bytes) -> str:
+    """The uploaded image (it decoded for the prediction), shown back beside its answer
+    as a small embedded thumbnail, whatever its size or format."""
+    body, media_type = thumbnail(data, TRY_SIDE)
+    return f"data:{media_type};base64,{base64.b64encode(body).decode()}"
 
 
 # -- review -----------------------------------------------------------------------------

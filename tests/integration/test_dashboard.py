@@ -149,6 +149,46 @@ def test_state_changing_forms_need_the_session_csrf_token(
         assert "secure" in r.headers["set-cookie"].lower()
 
 
+def test_a_photo_is_shown_as_a_small_thumbnail(service: Any, alice: httpx.Client) -> None:
+    """Items are shown at 96 px: a photo comes as a 192 px JPEG, not as its whole file,
+    and a TIFF (which browsers do not display) as a PNG or JPEG too."""
+    import io
+    import zipfile
+
+    import numpy as np
+    from PIL import Image
+
+    from .helpers import ui_sign_in, upload
+
+    archive = io.BytesIO()
+    originals = {}
+    with zipfile.ZipFile(archive, "w") as zf:  # within the test service's 4 MB expanded
+        for name, size, fmt in (("cat/photo.jpg", (3000, 2000), "JPEG"),
+                                ("dog/scan.tif", (600, 800), "TIFF")):
+            out = io.BytesIO()
+            yy, xx = np.mgrid[0:size[1], 0:size[0]]
+            pixels = np.stack([xx * 255 // size[0], yy * 255 // size[1], (xx + yy) % 256], -1)
+            Image.fromarray(pixels.astype(np.uint8)).save(out, format=fmt)
+            originals[name] = out.getvalue()
+            zf.writestr(name, originals[name])
+    r = upload(alice, archive.getvalue(), name="photos")
+    assert r.status_code == 201, r.text
+    dataset = r.json()["id"]
+    items = alice.get(f"/datasets/{dataset}/items").json()["items"]
+    with httpx.Client(base_url=service.base_url, timeout=60) as browser:
+        ui_sign_in(browser, "alice")
+        page = browser.get(f"/ui/datasets/{dataset}").text
+        for item in items:
+            url = f"/ui/datasets/{dataset}/items/{item['id']}/thumbnail"
+            assert url in page
+            shown = browser.get(url)
+            assert shown.status_code == 200
+            assert shown.headers["content-type"] in ("image/jpeg", "image/png")
+            with Image.open(io.BytesIO(shown.content)) as image:
+                assert max(image.size) == 192
+            assert len(shown.content) < len(originals[item["filename"]]) / 20
+
+
 def test_another_tenant_sees_none_of_it(browser_setup: tuple[Any, str], service: Any,
                                         lqf_model: dict[str, Any],
                                         shapes_dataset: dict[str, Any]) -> None:
@@ -158,6 +198,7 @@ def test_another_tenant_sees_none_of_it(browser_setup: tuple[Any, str], service:
         for path in (f"/ui/models/{lqf_model['id']}", f"/ui/models/{lqf_model['id']}/try",
                      f"/ui/datasets/{shapes_dataset['id']}",
                      f"/ui/datasets/{shapes_dataset['id']}/items/0/image",
+                     f"/ui/datasets/{shapes_dataset['id']}/items/0/thumbnail",
                      f"/ui/jobs/{lqf_model['job_id']}"):
             response = bob.page.goto(path)
             assert response.status == 404, path
@@ -301,6 +342,9 @@ def test_try_it_shows_the_supporting_training_images(tab: Tab, lqf_model: dict[s
             break
         time.sleep(1)  # the posterior was still being built
     assert page.locator("#try-result .big").inner_text() in lqf_model["classes"]
+    # The uploaded image comes back embedded, as a thumbnail.
+    assert page.locator("img.query").get_attribute("src").startswith("data:image/")
+    assert page.evaluate("() => document.querySelector('img.query').naturalWidth") > 0
     assert page.locator("#proponents img").count() > 0
     assert 0 <= float(page.locator("#ood-score").inner_text()) <= 1
     assert float(page.locator("#variance-ratio").inner_text()) > 0

@@ -1,15 +1,19 @@
 """The dashboard's pure parts: held-out evaluation against brute force, SVG charts that
-parse and escape what they show."""
+parse and escape what they show, thumbnails."""
 
 from __future__ import annotations
 
+import io
 import xml.etree.ElementTree as ET
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from app.ui.charts import line_chart, reliability_diagram
 from app.ui.evaluation import evaluate, reliability_bins
+from app.ui.thumbnails import thumbnail
 from app.ui.web import safe_next
 from lqf_core.calibration import expected_calibration_error
 
@@ -67,3 +71,33 @@ def test_charts_are_svg_that_escape_their_labels() -> None:
     ("/ui\\\\evil", "/ui"), (None, "/ui"), ("/docs", "/ui")])
 def test_after_sign_in_only_dashboard_paths(target: str | None, expected: str) -> None:
     assert safe_next(target) == expected
+
+
+def _encoded(size: tuple[int, int], fmt: str, **options: object) -> bytes:
+    pixels = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format=fmt, **options)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(("size", "fmt", "expected"), [
+    ((2000, 1500), "JPEG", ("image/jpeg", (192, 144))),  # a photo: shrunk, aspect kept
+    ((1500, 2000), "TIFF", ("image/jpeg", (144, 192))),  # browsers show no TIFF
+    ((60, 40), "PNG", ("image/png", (60, 40))),  # small: as it is, losslessly
+])
+def test_thumbnails_are_small_and_displayable(size, fmt, expected) -> None:
+    data = _encoded(size, fmt)
+    body, media_type = thumbnail(data)
+    with Image.open(io.BytesIO(body)) as shown:
+        assert (media_type, shown.size) == expected
+        assert shown.format == media_type.removeprefix("image/").upper()
+    if size[0] > 192:
+        assert len(body) < len(data) / 20
+
+
+def test_a_thumbnail_is_upright_as_the_model_reads_it() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored on its side, shown rotated by 90 degrees
+    body, _ = thumbnail(_encoded((400, 300), "JPEG", exif=exif))
+    with Image.open(io.BytesIO(body)) as shown:
+        assert shown.size == (144, 192)
