@@ -84,8 +84,7 @@ def item_image(dataset_id: str, item_id: int, session: UiSession,
     return FileResponse(path, headers=IMAGE_HEADERS)
 
 
-@router.get("/datasets/{dataset_id}/items/{item_id}/thumbnail", response_class=Response,
-            responses={200: {"content": {"image/jpeg": {}, "image/png": {}}}})
+@router.get("/datasets/{dataset_id}/items/{item_id}/thumbnail", response_class=Response)
 def item_thumbnail(dataset_id: str, item_id: int, session: UiSession,
                    store: Artifacts) -> Response:
     path = datasets.item_file(store, session.tenant, dataset_id, item_id)
