@@ -21,7 +21,6 @@ Prints a table; writes docs/results/jpeg-decode.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -35,7 +34,7 @@ import torch
 from PIL import Image
 
 from bench.fashion_mnist import few_shot_indices, load_split
-from bench.serve import RESULTS, git_commit, machine
+from bench.serve import RESULTS, git_commit, machine, write_results
 from lqf_core.backbones import load_backbone
 from lqf_core.config import JpegDecode, TrainConfig
 from lqf_core.data import SIZE_SAMPLE, open_image, short_sides
@@ -137,12 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     result["summary"] = {d: {k: round(statistics.median(r[k] for r in rs), 4)
                              for k in ("job_s", "load_s", "predict_s", "accuracy")}
                          for d, rs in by.items()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    text = markdown(result)
-    args.out.with_suffix(".md").write_text(text)
-    print(text)
-    print(f"wrote {args.out}")
+    write_results(args.out, result, markdown(result))
     return 0
 
 

@@ -19,7 +19,6 @@ Writes docs/results/many-classes.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from datetime import UTC, datetime
@@ -32,7 +31,7 @@ import torch
 import lqf_core.train as train_module
 from bench.fashion_mnist import dev_indices, few_shot_indices, load_split, to_tensor
 from bench.queries import digits_images
-from bench.serve import RESULTS, git_commit, machine
+from bench.serve import RESULTS, git_commit, machine, write_results
 from lqf_core.backbones import load_backbone
 from lqf_core.calibration import expected_calibration_error
 from lqf_core.config import TrainConfig
@@ -119,12 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             run = run_job(x, y_np.tolist(), x_dev, y_dev, crossfit, seed, backbone)
             print(f"  {run}", flush=True)
             result["runs"].append(run)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    text = markdown(result)
-    args.out.with_suffix(".md").write_text(text)
-    print(text)
-    print(f"wrote {args.out}")
+    write_results(args.out, result, markdown(result))
     return 0
 
 

@@ -382,6 +382,15 @@ def machine() -> dict[str, Any]:
             "cuda": torch.cuda.is_available(), "loadavg_at_start": [round(v, 2) for v in load]}
 
 
+def write_results(out: Path, result: dict[str, Any], table: str) -> None:
+    """The run's JSON at `out` and its table beside it (.md), the table also printed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    out.with_suffix(".md").write_text(table)
+    print(table)
+    print(f"wrote {out}")
+
+
 def git_commit() -> str:
     """HEAD's short hash, with "+changes" when tracked files differ from it (a result of
     uncommitted code must not read as the commit's)."""
