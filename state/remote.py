@@ -21,7 +21,7 @@ import json
 import os
 import uuid
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -222,5 +222,9 @@ class RemoteStore:
         self.delete_folder(relative)
 
     def _all(self, fn: Any, names: Iterable[str]) -> None:
-        for future in [self._pool.submit(fn, name) for name in names]:
+        # Every transfer ends before the first error is raised: a caller that cleans up
+        # after a failure must not race a download still writing into its directory.
+        futures = [self._pool.submit(fn, name) for name in names]
+        wait(futures)
+        for future in futures:
             future.result()
