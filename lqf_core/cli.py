@@ -37,7 +37,7 @@ def _train(args: argparse.Namespace) -> int:
     values = {"method": args.method, "backbone": args.backbone, "seed": args.seed}
     for name in ("image_size", "val_fraction", "suffix_blocks", "weight_decay", "probe_l2",
                  "kappa", "max_iters", "tol", "epochs", "lr", "leaky_slope", "device",
-                 "solver"):
+                 "solver", "calibration"):
         value = getattr(args, name)
         if value is not None:
             values[name] = value
@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, kind in (("image-size", int), ("val-fraction", float), ("suffix-blocks", int),
                        ("weight-decay", float), ("probe-l2", float), ("kappa", float),
                        ("max-iters", int), ("tol", float), ("epochs", int), ("lr", float),
-                       ("leaky-slope", float), ("device", str), ("solver", str)):
+                       ("leaky-slope", float), ("device", str), ("solver", str),
+                       ("calibration", str)):
         train.add_argument(f"--{name}", type=kind, default=None)
     train.set_defaults(handler=_train)
 

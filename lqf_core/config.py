@@ -62,10 +62,12 @@ class Calibration(StrEnum):
     LOO = "loo"  # solver "exact": every item trained on; exact leave-one-out outputs
 
 
-# When val_fraction is unset, an LQF job (solver pcg) on up to this many items trains on
-# every item and calibrates by cross-fitting (5 more fits on 80 % of the items each),
-# where a held-out fifth costs the most accuracy and extra fits cost the least; larger
-# jobs hold out DEFAULT_VAL_FRACTION.
+# When calibration and val_fraction are unset, an LQF job (solver pcg) on up to this many
+# items trains on every item and calibrates by cross-fitting (5 more fits on 80 % of the
+# items each), where a held-out fifth costs the most accuracy and extra fits cost the
+# least; larger jobs hold out DEFAULT_VAL_FRACTION. `calibration: "crossfit"` asks for
+# cross-fitting at any size: at 100 classes of 6 images (600 items) it gained 3 dev points
+# for 6x the job's time (docs/benchmarks.md, "Many classes").
 CROSSFIT_CALIBRATION_MAX_ITEMS = 500
 DEFAULT_VAL_FRACTION = 0.2
 
@@ -111,6 +113,11 @@ class TrainConfig:
     # small LQF jobs, else hold out DEFAULT_VAL_FRACTION (see Calibration). Solver
     # "exact" ignores it: its leave-one-out outputs calibrate it.
     val_fraction: float | None = None
+    # Where the temperature comes from (Calibration). None: by the job's size, as above
+    # CROSSFIT_CALIBRATION_MAX_ITEMS says; "holdout" holds out val_fraction (a fifth when
+    # unset); "crossfit" trains on every item at any size (LQF, solver pcg, one worker);
+    # "loo" is solver "exact"'s, and its only one.
+    calibration: Calibration | None = None
     batch_size: int = 64
     device: str = "auto"
 
@@ -266,6 +273,7 @@ class TrainConfig:
         if self.solver == Solver.EXACT and not (self.loss == LQFLoss.MSE and isotropic):
             raise InvalidConfigError("solver 'exact' needs loss 'mse' and regularizer "
                                      "'isotropic'")
+        self._validate_calibration()
         if self.workers > 1 and not (self.method == Method.LQF and self.solver == Solver.PCG
                                      and self.loss == LQFLoss.MSE):
             raise InvalidConfigError("workers > 1 needs method 'lqf' with solver 'pcg' and "
@@ -275,10 +283,32 @@ class TrainConfig:
                 f"device must be 'auto', 'cpu' or 'cuda[:n]', got {self.device!r}"
             )
 
+    def _validate_calibration(self) -> None:
+        """Refuse a calibration the job cannot run (train._calibration trusts this)."""
+        if self.calibration is None:
+            return
+        exact = self.method == Method.LQF and self.solver == Solver.EXACT
+        if exact != (self.calibration == Calibration.LOO):
+            raise InvalidConfigError(
+                "solver 'exact' calibrates on its leave-one-out outputs: leave calibration "
+                "unset or 'loo'" if exact else
+                "calibration 'loo' needs method 'lqf' with solver 'exact'")
+        if self.calibration == Calibration.HOLDOUT and self.val_fraction == 0.0:
+            raise InvalidConfigError("calibration 'holdout' needs val_fraction unset (a "
+                                     "fifth) or above 0; val_fraction 0 skips calibration")
+        if self.calibration == Calibration.CROSSFIT:
+            if not (self.method == Method.LQF and self.solver == Solver.PCG
+                    and self.workers == 1):
+                raise InvalidConfigError("calibration 'crossfit' needs method 'lqf' with "
+                                         "solver 'pcg' and workers 1")
+            if self.val_fraction is not None:
+                raise InvalidConfigError("calibration 'crossfit' trains on every item: "
+                                         "leave val_fraction unset")
+
 
 _ENUMS: dict[str, type[Enum]] = {"Method": Method, "LQFLoss": LQFLoss, "ProbeKind": ProbeKind,
                                   "Regularizer": Regularizer, "Solver": Solver,
-                                  "JpegDecode": JpegDecode}
+                                  "JpegDecode": JpegDecode, "Calibration": Calibration}
 
 
 def _coerce(name: str, type_name: Any, value: Any) -> Any:

@@ -180,19 +180,20 @@ def load_inputs(images: Sequence[ImageSource] | torch.Tensor, backbone: Backbone
 
 def _calibration(config: TrainConfig, ids: Sequence[str]) -> tuple[Calibration, float]:
     """(how this job calibrates, the fraction it holds out): leave-one-out (solver exact),
-    cross-fitting (small LQF jobs that leave val_fraction unset; the items must fall in
-    at least 2 folds) or a held-out fraction."""
+    cross-fitting (asked for, or small LQF jobs that leave val_fraction unset) or a
+    held-out fraction. TrainConfig.validate has refused the combinations that conflict."""
     lqf = config.method == Method.LQF
     if lqf and config.solver == Solver.EXACT:
         return Calibration.LOO, 0.0
+    # Two items or more fall in at least 2 of the class-dealt folds (crossfit.assign_folds).
+    if config.calibration == Calibration.CROSSFIT and len(ids) >= 2:
+        return Calibration.CROSSFIT, 0.0
     if config.val_fraction is not None:
         return Calibration.HOLDOUT, config.val_fraction
     # Cross-fitting is for small jobs on one process; a distributed one holds out.
-    if lqf and config.workers == 1 and len(ids) <= CROSSFIT_CALIBRATION_MAX_ITEMS:
-        from lqf_core.crossfit import DEFAULT_FOLDS, fold_of  # crossfit imports this module
-
-        if len({fold_of(i, DEFAULT_FOLDS, config.seed) for i in ids}) >= 2:
-            return Calibration.CROSSFIT, 0.0
+    if (config.calibration is None and lqf and config.workers == 1
+            and 2 <= len(ids) <= CROSSFIT_CALIBRATION_MAX_ITEMS):
+        return Calibration.CROSSFIT, 0.0
     return Calibration.HOLDOUT, DEFAULT_VAL_FRACTION
 
 

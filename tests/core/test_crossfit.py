@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from lqf_core.classifier import build_classifier
-from lqf_core.config import Regularizer, TrainConfig
-from lqf_core.crossfit import cross_fit_model, fold_of
-from lqf_core.errors import InvalidDataError
+from lqf_core.config import Calibration, Regularizer, TrainConfig
+from lqf_core.crossfit import assign_folds, cross_fit_model
+from lqf_core.errors import InvalidConfigError, InvalidDataError
 from lqf_core.train import train_model
 from tests.core.factories import separable_images
 
@@ -35,7 +35,7 @@ def test_each_fold_is_scored_by_a_fresh_training_run_without_it(backbone, data, 
     model = train_model(x, labels.tolist(), NAMES, config, backbone=backbone, item_ids=ids)
     assert model.info["solver_converged"] == (config is CONVERGED)
     result = cross_fit_model(model, x, labels.tolist(), ids, folds=3, backbone=backbone)
-    assert result.folds.tolist() == [fold_of(i, 3, config.seed) for i in ids]
+    assert torch.equal(result.folds, assign_folds(ids, labels.tolist(), 3, config.seed))
     assert len(result.folds.unique()) == 3
     for k in range(3):
         held = result.folds == k
@@ -48,6 +48,22 @@ def test_each_fold_is_scored_by_a_fresh_training_run_without_it(backbone, data, 
     expected = ((targets - result.outputs) ** 2).sum(1) / config.kappa**2
     assert torch.allclose(result.scores, expected)
     assert torch.equal(result.predicted, result.outputs.argmax(1))
+
+
+def test_folds_are_stratified_by_class_and_depend_only_on_the_items():
+    labels = [0] * 5 + [1] * 7 + [2] * 2
+    ids = [f"item-{i}" for i in range(len(labels))]
+    folds = assign_folds(ids, labels, 5, seed=3)
+    for c, n in ((0, 5), (1, 7), (2, 2)):
+        per_fold = torch.bincount(folds[torch.tensor(labels) == c], minlength=5)
+        assert int(per_fold.max()) - int(per_fold.min()) <= 1
+        assert int(per_fold.sum()) == n
+    assert torch.bincount(folds, minlength=5).tolist() == [3, 3, 3, 3, 2]
+    # Shuffled input, the same folds item by item.
+    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(0)).tolist()
+    shuffled = assign_folds([ids[i] for i in order], [labels[i] for i in order], 5, seed=3)
+    assert shuffled.tolist() == [int(folds[i]) for i in order]
+    assert not torch.equal(assign_folds(ids, labels, 5, seed=4), folds)  # the seed deals
 
 
 def test_a_flipped_label_scores_highest(backbone, data):
@@ -112,3 +128,29 @@ def test_a_small_default_job_trains_on_every_item_and_calibrates_on_cross_fitted
                       backbone=backbone)
     assert big.info["calibration"] == "holdout" and big.info["num_val"] == pytest.approx(
         0.2 * n, abs=3)
+    # ... unless the job asks: then every item at any size, and a fifth when asked
+    asked = train_model(torch.randn(n, 3, 12, 12, dtype=torch.float64),
+                        (torch.arange(n) % 3).tolist(), NAMES,
+                        unset.replace(max_iters=1, calibration=Calibration.CROSSFIT),
+                        backbone=backbone)
+    assert asked.info["calibration"] == "crossfit" and asked.info["num_train"] == n
+    small = train_model(x, labels.tolist(), NAMES,
+                        unset.replace(calibration=Calibration.HOLDOUT), backbone=backbone,
+                        item_ids=ids)
+    assert small.info["calibration"] == "holdout"
+    assert small.info["val_item_ids"] == explicit.info["val_item_ids"]
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"calibration": "crossfit", "val_fraction": 0.2}, "leave val_fraction unset"),
+    ({"calibration": "crossfit", "method": "finetune"}, "needs method 'lqf' with solver 'pcg'"),
+    ({"calibration": "crossfit", "workers": 2}, "and workers 1"),
+    ({"calibration": "holdout", "val_fraction": 0.0}, "val_fraction 0 skips calibration"),
+    ({"calibration": "holdout", "solver": "exact", "regularizer": "isotropic"},
+     "leave calibration unset or 'loo'"),
+    ({"calibration": "loo"}, "needs method 'lqf' with solver 'exact'"),
+    ({"calibration": "folds"}, "calibration must be one of"),
+])
+def test_a_calibration_that_conflicts_with_the_job_is_refused(values, message):
+    with pytest.raises(InvalidConfigError, match=message):
+        TrainConfig.from_dict(values)
