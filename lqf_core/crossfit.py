@@ -3,7 +3,7 @@
 Why not the closed form. On the converged default, the leave-one-out residual
 (I - L_ii)^-1 e_i of posterior.py with K-FAC leverages comes close: on 100-shot
 Fashion-MNIST with 10 % of the labels flipped it found 0.787 and 0.738 of them in its top
-10 % (two draws) against cross-fitting's 0.787 and 0.775, at a tenth of the cost. But it
+10 % (two draws) against cross-fitting's 0.787 and 0.800, at a tenth of the cost. But it
 is K-FAC's leave-one-out, not the exact one (exact leverages need N x C CG solves), and
 on the isotropic early stop, which fits every flipped label (e_i ~ 0, I - L_ii ~ 0), it
 ranked them below the training loss (docs/benchmarks.md). Cross-fitting is exact for
