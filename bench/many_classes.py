@@ -3,23 +3,22 @@
     python -m bench.many_classes                 # 100 classes of 6 images (600 items)
     python -m bench.many_classes --shots 5 --classes 100 30 --seeds 0 1
 
-A default LQF job cross-fits its temperature (5 more fits; every item trained on) up to
-CROSSFIT_CALIBRATION_MAX_ITEMS = 500 items, and holds out a fifth above that. With 100
-classes of 6 images that fifth is one image of every class. This bench runs, per class
-count and seed, the same job both ways: a fifth held out (`val_fraction` 0.2) and
-cross-fitted (every item trained on; the item limit raised for that job only where the
-job is above it). It prints each one's dev accuracy, dev ECE, temperature and time, and
-for reference the temperature fitted (by likelihood) on the dev images themselves, with
-its dev ECE: the temperature a job's calibration aims at, never one a job can know.
+A held-out fifth of 100 classes of 6 images is one image of every class; cross-fitting
+the temperature instead (5 more fits) trains on every item. Which one a default job does
+depends on its size and its images per class (lqf_core/config.py). This bench runs, per
+class count and seed, the same job both ways (`calibration` "holdout" and "crossfit",
+whatever the default would be). It prints each one's dev accuracy, dev ECE, temperature
+and time, and for reference the temperature fitted (by likelihood) on the dev images
+themselves, with its dev ECE: what a job's calibration aims at, never known to a job.
 
 The classes are pairs (Fashion-MNIST class, digit): 10 classes per garment class, so
 `--classes 30` takes the first 3 garment classes. An image is a 28 px garment beside a
 28 px digit (scikit-learn's 8 px digits, scaled up), 28 x 56 px. Training images come
 from the Fashion-MNIST training pool and digits 0-999, each garment and each digit in one
 training image only (before session 28 they were reused across classes, which biased the
-held-out temperatures: `pairs`). The dev images are pool images
-outside the draws and digits 1000-1796; the t10k test set is not used. Writes
-docs/results/many-classes.{json,md} (or --out).
+held-out temperatures: `pairs`). The dev images are pool images outside the draws and
+digits 1000-1796; the t10k test set is not used. Writes docs/results/many-classes.{json,md}
+(or --out).
 """
 
 from __future__ import annotations
@@ -34,14 +33,14 @@ from typing import Any
 import numpy as np
 import torch
 
-import lqf_core.train as train_module
 from bench.fashion_mnist import dev_indices, few_shot_indices, load_split, to_tensor
 from bench.queries import digits_images
 from bench.serve import RESULTS, git_commit, machine, write_results
 from lqf_core.backbones import load_backbone
 from lqf_core.calibration import expected_calibration_error, fit_temperature
-from lqf_core.config import TrainConfig
+from lqf_core.config import Calibration, TrainConfig
 from lqf_core.serving import Predictor
+from lqf_core.train import train_model
 
 IMAGE_SIZE = 96  # what the input-size rule gives 28 px images
 DIGITS_TRAIN = 1000  # digits 0-999 for training pairs, the rest for dev
@@ -81,17 +80,14 @@ def pairs(garments: np.ndarray, garment_labels: np.ndarray, digits: np.ndarray,
 
 def run_job(x: torch.Tensor, labels: list[int], num_classes: int, x_dev: torch.Tensor,
             y_dev: torch.Tensor, crossfit: bool, seed: int, backbone: Any) -> dict[str, Any]:
-    limit = train_module.CROSSFIT_CALIBRATION_MAX_ITEMS
-    if crossfit:  # this job only: every item trained on, the temperature cross-fitted
-        train_module.CROSSFIT_CALIBRATION_MAX_ITEMS = max(limit, len(labels))
-    config = TrainConfig(seed=seed, device="cpu", val_fraction=None if crossfit else 0.2)
-    try:
-        started = time.perf_counter()
-        model = train_module.train_model(x, labels, [str(c) for c in range(num_classes)],
-                                         config, backbone=backbone)
-        seconds = time.perf_counter() - started
-    finally:
-        train_module.CROSSFIT_CALIBRATION_MAX_ITEMS = limit
+    # Either way at any size: every item trained on with the temperature cross-fitted, or
+    # a fifth held out.
+    config = TrainConfig(seed=seed, device="cpu",
+                         calibration=Calibration.CROSSFIT if crossfit else Calibration.HOLDOUT)
+    started = time.perf_counter()
+    model = train_model(x, labels, [str(c) for c in range(num_classes)], config,
+                        backbone=backbone)
+    seconds = time.perf_counter() - started
     predictor = Predictor(model, device="cpu", backbone=backbone)
     # The logits the served temperature divides: the dev reference refits only T on them.
     logits = predictor.predict_logits(x_dev).double() * model.temperature

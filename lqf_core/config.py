@@ -65,10 +65,13 @@ class Calibration(StrEnum):
 # When calibration and val_fraction are unset, an LQF job (solver pcg) on up to this many
 # items trains on every item and calibrates by cross-fitting (5 more fits on 80 % of the
 # items each), where a held-out fifth costs the most accuracy and extra fits cost the
-# least; larger jobs hold out DEFAULT_VAL_FRACTION. `calibration: "crossfit"` asks for
-# cross-fitting at any size: at 100 classes of 6 images (600 items) it gained 3 dev points
-# for 6x the job's time (docs/benchmarks.md, "Many classes").
+# least. So does a job of up to CROSSFIT_FEW_PER_CLASS_MAX_ITEMS whose classes average
+# fewer than FEW_PER_CLASS items: at 100 classes of 6 images (600 items) cross-fitting
+# gained 3 dev points and calibrated as well, for 6x the job's time (docs/benchmarks.md,
+# "Many classes"). Other jobs hold out DEFAULT_VAL_FRACTION; `calibration` overrides.
 CROSSFIT_CALIBRATION_MAX_ITEMS = 500
+CROSSFIT_FEW_PER_CLASS_MAX_ITEMS = 1000
+FEW_PER_CLASS = 10
 DEFAULT_VAL_FRACTION = 0.2
 
 

@@ -29,7 +29,9 @@ from lqf_core.calibration import (
 from lqf_core.classifier import build_classifier
 from lqf_core.config import (
     CROSSFIT_CALIBRATION_MAX_ITEMS,
+    CROSSFIT_FEW_PER_CLASS_MAX_ITEMS,
     DEFAULT_VAL_FRACTION,
+    FEW_PER_CLASS,
     Calibration,
     Method,
     ProbeKind,
@@ -178,10 +180,19 @@ def load_inputs(images: Sequence[ImageSource] | torch.Tensor, backbone: Backbone
     return torch.stack(rows)
 
 
-def _calibration(config: TrainConfig, ids: Sequence[str]) -> tuple[Calibration, float]:
+def _crossfit_pays(items: int, classes: int) -> bool:
+    """Whether 5 more fits are worth the fifth's labels: in small jobs, and in jobs of few
+    images a class, where the fifth is a large share of every class (config.py)."""
+    return items <= CROSSFIT_CALIBRATION_MAX_ITEMS or (
+        items <= CROSSFIT_FEW_PER_CLASS_MAX_ITEMS and items < FEW_PER_CLASS * classes)
+
+
+def _calibration(config: TrainConfig, ids: Sequence[str],
+                 labels: Sequence[int]) -> tuple[Calibration, float]:
     """(how this job calibrates, the fraction it holds out): leave-one-out (solver exact),
-    cross-fitting (asked for, or small LQF jobs that leave val_fraction unset) or a
-    held-out fraction. TrainConfig.validate has refused the combinations that conflict."""
+    cross-fitting (asked for, or by `_crossfit_pays` for LQF jobs that leave val_fraction
+    unset) or a held-out fraction. TrainConfig.validate has refused the combinations that
+    conflict."""
     lqf = config.method == Method.LQF
     if lqf and config.solver == Solver.EXACT:
         return Calibration.LOO, 0.0
@@ -191,8 +202,8 @@ def _calibration(config: TrainConfig, ids: Sequence[str]) -> tuple[Calibration, 
     if config.val_fraction is not None:
         return Calibration.HOLDOUT, config.val_fraction
     # Cross-fitting is for small jobs on one process; a distributed one holds out.
-    if (config.calibration is None and lqf and config.workers == 1
-            and 2 <= len(ids) <= CROSSFIT_CALIBRATION_MAX_ITEMS):
+    if (config.calibration is None and lqf and config.workers == 1 and len(ids) >= 2
+            and _crossfit_pays(len(ids), len(set(labels)))):
         return Calibration.CROSSFIT, 0.0
     return Calibration.HOLDOUT, DEFAULT_VAL_FRACTION
 
@@ -430,7 +441,7 @@ def train_model(
     num_classes = len(class_names)
     # The exact solver's leave-one-out outputs, or cross-fitted ones, replace the held-out
     # fifth: such a job trains on every item.
-    calibration, val_fraction = _calibration(config, ids)
+    calibration, val_fraction = _calibration(config, ids, labels)
     fit_idx, val_idx = split_by_item(labels, ids, val_fraction, config.seed)
     distributed = config.method == Method.LQF and config.workers > 1
     if distributed:  # each rank loads its own share of the training images

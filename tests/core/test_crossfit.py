@@ -154,3 +154,26 @@ def test_a_small_default_job_trains_on_every_item_and_calibrates_on_cross_fitted
 def test_a_calibration_that_conflicts_with_the_job_is_refused(values, message):
     with pytest.raises(InvalidConfigError, match=message):
         TrainConfig.from_dict(values)
+
+
+@pytest.mark.parametrize(("items", "classes", "expected"), [
+    (500, 2, "crossfit"),  # small: always
+    (501, 10, "holdout"),  # 50 images a class: the fifth costs little
+    (600, 100, "crossfit"),  # 6 a class: a fifth is one image of every class
+    (1000, 101, "crossfit"),
+    (1000, 100, "holdout"),  # 10 a class
+    (1001, 500, "holdout"),  # above the few-per-class limit: 5 more fits cost too much
+])
+def test_an_unset_calibration_cross_fits_small_jobs_and_jobs_of_few_images_a_class(
+        items, classes, expected):
+    from lqf_core.train import _calibration
+
+    ids = [f"item-{i}" for i in range(items)]
+    labels = [i % classes for i in range(items)]
+    config = TrainConfig(val_fraction=None)
+    assert _calibration(config, ids, labels)[0] == expected
+    # a distributed job, an explicit fraction and an explicit choice keep theirs
+    assert _calibration(config.replace(workers=2), ids, labels)[0] == "holdout"
+    assert _calibration(config.replace(val_fraction=0.1), ids, labels) == ("holdout", 0.1)
+    asked = config.replace(calibration=Calibration.HOLDOUT)
+    assert _calibration(asked, ids, labels) == ("holdout", 0.2)
