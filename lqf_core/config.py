@@ -113,13 +113,14 @@ class TrainConfig:
     seed: int = 0
     # Fraction of the training items held out to fit the softmax temperature and report
     # validation metrics; 0 trains on everything and skips calibration. None: cross-fit
-    # small LQF jobs, else hold out DEFAULT_VAL_FRACTION (see Calibration). Solver
-    # "exact" ignores it: its leave-one-out outputs calibrate it.
+    # small LQF jobs and those of few images a class, else hold out DEFAULT_VAL_FRACTION
+    # (see `calibration`). Solver "exact" ignores it: its leave-one-out outputs calibrate
+    # it.
     val_fraction: float | None = None
-    # Where the temperature comes from (Calibration). None: by the job's size, as above
-    # CROSSFIT_CALIBRATION_MAX_ITEMS says; "holdout" holds out val_fraction (a fifth when
-    # unset); "crossfit" trains on every item at any size (LQF, solver pcg, one worker);
-    # "loo" is solver "exact"'s, and its only one.
+    # Where the temperature comes from (Calibration). None: by the job's size and images
+    # per class (the rule above CROSSFIT_CALIBRATION_MAX_ITEMS); "holdout" holds out
+    # val_fraction (a fifth when unset); "crossfit" trains on every item at any size
+    # (LQF, solver pcg, one worker); "loo" is solver "exact"'s, and its only one.
     calibration: Calibration | None = None
     batch_size: int = 64
     device: str = "auto"

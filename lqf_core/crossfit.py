@@ -61,6 +61,7 @@ def assign_folds(item_ids: Sequence[str], labels: Sequence[int], folds: int,
     images their temperature came out 1.26-1.39x the one fitted on dev images (dev ECE
     0.102 on the mean); dealt by class, 1.08-1.20x (ECE 0.073, a held-out fifth's 0.078;
     docs/benchmarks.md, "Many classes").
+
     The items are ordered class by class, each class by a hash of (seed, id), and dealt
     to the folds in turn; so the folds depend only on the set of (id, label) pairs, never
     on the order given, and a job without some items gets the folds a fresh job on the
