@@ -196,13 +196,14 @@ def _calibration(config: TrainConfig, ids: Sequence[str],
     lqf = config.method == Method.LQF
     if lqf and config.solver == Solver.EXACT:
         return Calibration.LOO, 0.0
-    # Two items or more fall in at least 2 of the class-dealt folds (crossfit.assign_folds).
-    if config.calibration == Calibration.CROSSFIT and len(ids) >= 2:
+    # Every job has 2 classes with images (validate_labels), so the class-dealt folds
+    # (crossfit.assign_folds) always hold items in at least 2 folds.
+    if config.calibration == Calibration.CROSSFIT:
         return Calibration.CROSSFIT, 0.0
     if config.val_fraction is not None:
         return Calibration.HOLDOUT, config.val_fraction
-    # Cross-fitting is for small jobs on one process; a distributed one holds out.
-    if (config.calibration is None and lqf and config.workers == 1 and len(ids) >= 2
+    # Cross-fitting where it pays (_crossfit_pays), on one process; a distributed job holds out.
+    if (config.calibration is None and lqf and config.workers == 1
             and _crossfit_pays(len(ids), len(set(labels)))):
         return Calibration.CROSSFIT, 0.0
     return Calibration.HOLDOUT, DEFAULT_VAL_FRACTION
